@@ -1,0 +1,28 @@
+# `make test` and `make demo` create .venv when it is missing, install the project into it, and run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/demo
+
+.PHONY: venv test demo clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m experiments.train --config=configs/train.py:smoke --workdir=$(WORKDIR)/train_smoke
+	$(PY) -m experiments.aot_memory --config=configs/train.py:llama2_7b --workdir=$(WORKDIR)/aot_llama2_7b
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,65 @@
+"""Training presets: ``--config=configs/train.py:PRESET`` with PRESET in smoke, tiny, smollm2_135m, llama2_7b."""
+
+from ml_collections import ConfigDict
+
+from llmopt_jax.errors import ConfigError
+from llmopt_jax.models.presets import MODEL_PRESETS
+from llmopt_jax.parallel.rules import DEFAULT_RULES
+
+# steps, seq_len, global batch, grad_accum, lr, warmup, checkpoint_every, compute dtype, remat
+RUN_PRESETS = {
+    "smoke": dict(steps=60, seq_len=128, batch_size=8, grad_accum=1, lr=3e-3, warmup=10, ckpt=20),
+    "tiny": dict(steps=20, seq_len=64, batch_size=8, grad_accum=1, lr=3e-3, warmup=4, ckpt=10),
+    "smollm2_135m": dict(steps=200, seq_len=512, batch_size=8, grad_accum=4, lr=1e-3, warmup=20, ckpt=50),
+    "llama2_7b": dict(steps=1000, seq_len=4096, batch_size=8, grad_accum=1, lr=3e-4, warmup=100, ckpt=100),
+}
+
+
+def get_config(preset: str = "smoke") -> ConfigDict:
+    if preset not in RUN_PRESETS:
+        raise ConfigError(f"unknown train preset {preset!r}; choose one of {sorted(RUN_PRESETS)}")
+    run = RUN_PRESETS[preset]
+    c = ConfigDict()
+    c.preset = preset
+    c.seed = 0
+
+    c.model = ConfigDict(
+        dict(
+            vocab_size=0, d_model=0, num_layers=0, num_heads=0, num_kv_heads=0, mlp_dim=0, head_dim=0,
+            rope_base=10000.0, rope_interleaved=False, rms_eps=1e-5, tie_embeddings=True, max_seq_len=2048,
+            dtype="float32", param_dtype="float32", attention="xla", scan_layers=True, remat="none", init_std=0.02,
+        )
+    )
+    c.model.update(MODEL_PRESETS[preset])
+    if preset in ("smollm2_135m", "llama2_7b"):
+        c.model.dtype = "bfloat16"  # bf16 compute over fp32 master weights
+        c.model.remat = "full"
+
+    # Mesh axis sizes (-1 = the devices left over) and the logical-axis -> mesh-axis rules.
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, stage=1))
+    c.mesh.update({f"dcn_{a}": 1 for a in ("data", "fsdp", "tensor", "expert", "stage")})
+    c.sharding_rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
+
+    c.data = ConfigDict()
+    c.data.text_files = ""  # comma-separated UTF-8 files; empty = pydoc_data.topics
+    c.data.tokenizer = "byte"
+    c.data.seq_len = run["seq_len"]
+    c.data.batch_size = run["batch_size"]  # global micro-batch, in windows
+    c.data.grad_accum = run["grad_accum"]  # micro-batches per optimizer step
+
+    c.optim = ConfigDict(
+        dict(
+            name="adamw", learning_rate=run["lr"], warmup_steps=run["warmup"], total_steps=0,  # 0 = train.steps
+            final_lr_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0,
+        )
+    )
+
+    c.train = ConfigDict()
+    c.train.steps = run["steps"]
+    c.train.log_every = 1
+    c.train.checkpoint_every = run["ckpt"]
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoint = True
+    c.train.peak_flops_per_s = 0.0  # 0 = measure with a matmul on the default device
+    c.train.progress = True
+    return c

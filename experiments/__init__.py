@@ -1,0 +1,1 @@
+"""Thin experiment scripts: parse a config, call the library, write results."""

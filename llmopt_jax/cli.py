@@ -1,0 +1,76 @@
+"""Shared command-line plumbing for ``experiments/*.py``.
+
+``python -m experiments.NAME --config=configs/FILE.py:PRESET --config.a.b=value --workdir=DIR``: the config
+is an ``ml_collections`` file whose ``get_config(preset)`` returns a locked ``ConfigDict``; overrides of
+unknown keys, values of the wrong type, a missing file and any :class:`LlmoptError` end the program with one
+line on stderr and exit status 2. Other exceptions are bugs and keep their traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+from llmopt_jax.errors import LlmoptError
+from llmopt_jax.jsonio import write_json
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+    """Prints ``error: message`` as one line and exits with status 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _flag_error_message(e: BaseException) -> str:
+    text = str(e).strip().strip('"').strip("'")
+    if isinstance(e, (AttributeError, KeyError)) and "'" in str(e):
+        key = str(e).split("'")[1]
+        return f"unknown config key {key!r} ({' '.join(text.split())})"
+    return text
+
+
+def prepare_workdir(config: ConfigDict, workdir: str) -> str:
+    """Creates ``workdir`` and writes the resolved ``config.json`` into it; returns its absolute path."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    return workdir
+
+
+def run(main: Callable[[ConfigDict, str], None], default_workdir: str | None = None) -> None:
+    """Runs ``main(config, workdir)`` as an absl app with ``--config`` and ``--workdir`` flags."""
+    config_flag = config_flags.DEFINE_config_file("config", None, "ml_collections config file:preset", lock_config=True)
+    workdir_flag = flags.DEFINE_string("workdir", default_workdir, "directory for results, logs and checkpoints")
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            rest = flags.FLAGS(argv)
+            if config_flag.value is None:
+                fail("--config=FILE.py:PRESET is required")
+            # A config file that failed to load is only reported when touched.
+            config_flag.value.to_dict()
+        except SystemExit:
+            raise
+        except Exception as e:  # noqa: BLE001 - every parse failure is the user's input
+            fail(_flag_error_message(e))
+        if not workdir_flag.value:
+            fail("--workdir=DIR is required")
+        return rest
+
+    def wrapped(argv: list[str]) -> None:
+        if len(argv) > 1:
+            fail(f"unexpected arguments {argv[1:]}")
+        logging.set_verbosity(logging.WARNING)
+        try:
+            main(config_flag.value, workdir_flag.value)
+        except LlmoptError as e:
+            fail(str(e))
+
+    app.run(wrapped, flags_parser=parse)

@@ -1,0 +1,129 @@
+"""Text -> token windows: packing, seeded shuffling, a resumable batch iterator, calibration sampling.
+
+Tokens of all input text are concatenated (packed) and cut into non-overlapping windows of ``seq_len + 1``
+tokens (inputs plus the shifted targets). Each epoch visits the windows in an order drawn from
+``numpy.random.default_rng((seed, epoch))``, so the position ``{"epoch", "index"}`` alone determines every
+later batch: saving it with a checkpoint makes a resumed run see exactly the same data.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+from llmopt_jax.errors import DataError
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids ``0..255``; ids ``256`` (BOS) and ``257`` (EOS) are reserved."""
+
+    bos_id = 256
+    eos_id = 257
+    vocab_size = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+def default_text() -> str:
+    """Python's own documentation topics (``pydoc_data.topics``), joined with blank lines."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def load_texts(paths: Iterable[str] | str | None) -> str:
+    """The UTF-8 contents of ``paths`` joined with blank lines; the default text when none are given."""
+    if paths is None or paths == "" or (not isinstance(paths, str) and len(list(paths)) == 0):
+        return default_text()
+    if isinstance(paths, str):
+        paths = [p for p in paths.split(",") if p]
+    parts = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"text file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                parts.append(f.read())
+        except UnicodeDecodeError as e:
+            raise DataError(f"text file is not UTF-8: {path} ({e.reason} at byte {e.start})") from e
+    return "\n\n".join(parts)
+
+
+def token_windows(tokens: np.ndarray, window: int) -> np.ndarray:
+    """Non-overlapping windows ``[N, window]`` of a 1-D token array (the last partial window is dropped)."""
+    tokens = np.asarray(tokens)
+    n = len(tokens) // window
+    if n == 0:
+        raise DataError(f"text has {len(tokens)} tokens, fewer than one window of {window}")
+    return tokens[: n * window].reshape(n, window)
+
+
+def sample_windows(tokens: np.ndarray, num: int, length: int, seed: int) -> np.ndarray:
+    """``num`` windows ``[num, length]`` starting at seeded random offsets (calibration sampling)."""
+    tokens = np.asarray(tokens)
+    if len(tokens) < length:
+        raise DataError(f"calibration text has {len(tokens)} tokens, fewer than one window of {length}")
+    starts = np.random.default_rng(seed).integers(0, len(tokens) - length + 1, size=num)
+    return np.stack([tokens[s : s + length] for s in starts])
+
+
+class WindowBatches:
+    """Shuffled batches ``[batch, seq_len + 1]`` of packed windows, resumable from :meth:`position`."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        self.windows = token_windows(np.asarray(tokens, np.int32), seq_len + 1)
+        if len(self.windows) < batch_size:
+            raise DataError(
+                f"text gives {len(self.windows)} windows of {seq_len + 1} tokens, fewer than one batch of {batch_size}"
+            )
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0  # batches already taken in this epoch
+        self._order = self._epoch_order(0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.windows) // self.batch_size
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.windows))
+
+    def position(self) -> dict:
+        """JSON-serialisable position; :meth:`restore` of it continues with the same batches."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_windows": len(self.windows)}
+
+    def restore(self, position: dict) -> None:
+        if position.get("num_windows", len(self.windows)) != len(self.windows) or position.get(
+            "seed", self.seed
+        ) != self.seed:
+            raise DataError(
+                f"saved data position {position} does not match this dataset "
+                f"({len(self.windows)} windows, seed {self.seed}): the text or seq_len changed"
+            )
+        self.epoch, self.index = int(position["epoch"]), int(position["index"])
+        self._order = self._epoch_order(self.epoch)
+
+    def next(self) -> np.ndarray:
+        """The next batch ``[batch, seq_len + 1]`` int32; wraps to a freshly shuffled epoch."""
+        if self.index >= self.batches_per_epoch:
+            self.epoch += 1
+            self.index = 0
+            self._order = self._epoch_order(self.epoch)
+        rows = self._order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        self.index += 1
+        return self.windows[rows]

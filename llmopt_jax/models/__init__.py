@@ -1,0 +1,1 @@
+"""LLaMA-family decoder models (Flax NNX) and their configuration."""

@@ -1,0 +1,102 @@
+"""Model hyperparameters as a frozen dataclass, validated once at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from llmopt_jax.errors import ConfigError
+
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a LLaMA-family decoder.
+
+    ``rope_interleaved`` selects which pairs of head dimensions rotate together: ``False`` pairs ``i`` with
+    ``i + head_dim/2`` (Hugging Face checkpoints), ``True`` pairs ``2i`` with ``2i+1`` (the original Meta
+    layout, which llama.cpp and GGUF files use for q/k weights).
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_dim: int
+    head_dim: int = 0  # 0: d_model // num_heads
+    rope_base: float = 10000.0
+    rope_interleaved: bool = False
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = True
+    max_seq_len: int = 2048
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights by default)
+    attention: str = "xla"
+    scan_layers: bool = True
+    remat: str = "none"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.d_model // max(self.num_heads, 1))
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}; choose one of {tuple(DTYPES)}")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        """Builds a config from a dict or ConfigDict, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = dict(values)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        d, h, k, hd, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
+        per_layer = d * hd * (2 * h + 2 * k) + 3 * d * f + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + embed + d
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matmul per token: all linear kernels plus the LM head."""
+        d, h, k, hd, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
+        return self.num_layers * (d * hd * (2 * h + 2 * k) + 3 * d * f) + self.vocab_size * d
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs per trained token (forward + backward), PaLM appendix B convention.
+
+        ``6 * matmul_params + 12 * layers * heads * head_dim * seq_len``; the attention term counts the full
+        (unmasked) score matrix, as MaxText and the PaLM paper do. Rematerialisation is not counted (MFU,
+        not hardware FLOPs utilisation).
+        """
+        return 6.0 * self.matmul_params() + 12.0 * self.num_layers * self.num_heads * self.head_dim * seq_len

@@ -1,0 +1,202 @@
+"""The LLaMA-family decoder (SmolLM2, LLaMA, Mistral shapes): RMSNorm, RoPE, GQA, SwiGLU, tied embeddings.
+
+Layers are either a Python list of blocks or, with ``scan_layers``, one block whose parameters carry a
+leading ``layers`` axis and run under ``jax.lax.scan`` (one compiled block body whatever the depth). Both run
+the same :class:`Block`; the block body can be rematerialised with a named policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmopt_jax.models.attention import attention, causal_mask
+from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.models.kv_cache import KVCache, write_kv
+from llmopt_jax.models.layers import ActivationConstraint, DotGeneral, Embed, Linear, RMSNorm, no_constraint
+from llmopt_jax.models.rope import apply_rope
+
+ACT_HIDDEN = ("act_batch", "act_length", "act_embed")
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dot_general: DotGeneral = jax.lax.dot_general,
+        constrain: ActivationConstraint = no_constraint,
+    ):
+        self.cfg = cfg
+        self.constrain = constrain
+        d, h, k, hd, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+        dense = dict(
+            dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs, dot_general=dot_general
+        )
+        # Residual-branch outputs start smaller so the residual stream's variance stays O(1) with depth.
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        norm = dict(eps=cfg.rms_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.attn_norm = RMSNorm(d, **norm)
+        self.q_proj = Linear((d,), (h, hd), ("embed",), ("heads", "head_dim"), init_std=cfg.init_std, **dense)
+        self.k_proj = Linear((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), init_std=cfg.init_std, **dense)
+        self.v_proj = Linear((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), init_std=cfg.init_std, **dense)
+        self.o_proj = Linear((h, hd), (d,), ("heads", "head_dim"), ("embed",), init_std=out_std, **dense)
+        self.mlp_norm = RMSNorm(d, **norm)
+        self.gate_proj = Linear((d,), (f,), ("embed",), ("mlp",), init_std=cfg.init_std, **dense)
+        self.up_proj = Linear((d,), (f,), ("embed",), ("mlp",), init_std=cfg.init_std, **dense)
+        self.down_proj = Linear((f,), (d,), ("mlp",), ("embed",), init_std=out_std, **dense)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        cache_starts: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """``x`` ``[B, L, D]`` at ``positions`` ``[B, L]`` -> ``([B, L, D], updated kv)``.
+
+        With ``kv`` (this layer's cache, ``[B, S, K, hd]`` each) the new keys/values are written at
+        ``cache_starts`` ``[B]`` and attention runs over the whole cache; slot ``j`` holds position ``j``.
+        """
+        cfg, c = self.cfg, self.constrain
+        h = self.attn_norm(x)
+        q = apply_rope(self.q_proj(h), positions, cfg.rope_base, cfg.rope_interleaved)
+        k = apply_rope(self.k_proj(h), positions, cfg.rope_base, cfg.rope_interleaved)
+        v = self.v_proj(h)
+        q = c(q, ("act_batch", "act_length", "act_heads", None))
+        if kv is None:
+            keys, values, k_positions = k, v, positions
+            new_kv = None
+        else:
+            keys, values = write_kv(kv[0], kv[1], k, v, cache_starts)
+            new_kv = (keys, values)
+            slots = jnp.arange(keys.shape[1], dtype=positions.dtype)
+            k_positions = jnp.broadcast_to(slots, (x.shape[0], keys.shape[1]))
+        mask = causal_mask(positions, k_positions)
+        attn = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask, cfg.attention)
+        x = x + self.o_proj(attn)
+        x = c(x, ACT_HIDDEN)
+        h = self.mlp_norm(x)
+        gated = jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)
+        gated = c(gated, ("act_batch", "act_length", "act_mlp"))
+        x = x + self.down_proj(gated)
+        return c(x, ACT_HIDDEN), new_kv
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, dot_general, constrain) -> Block:
+    """One :class:`Block` whose every parameter has a leading ``layers`` axis of size ``cfg.num_layers``."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=r, dot_general=dot_general, constrain=constrain)
+
+    return make(rngs)
+
+
+class Decoder(nnx.Module):
+    """Token ids -> next-token logits, with an optional KV cache for incremental decoding."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dot_general: DotGeneral = jax.lax.dot_general,
+        constrain: ActivationConstraint = no_constraint,
+    ):
+        self.cfg = cfg
+        self.constrain = constrain
+        self.embed = Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+            init_std=cfg.init_std, rngs=rngs,
+        )
+        if cfg.scan_layers:
+            self.layers = _stacked_blocks(cfg, rngs, dot_general, constrain)
+        else:
+            self.layers = nnx.List(
+                [Block(cfg, rngs=rngs, dot_general=dot_general, constrain=constrain) for _ in range(cfg.num_layers)]
+            )
+        self.final_norm = RMSNorm(
+            cfg.d_model, eps=cfg.rms_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs
+        )
+        if not cfg.tie_embeddings:
+            self.lm_head = Linear(
+                (cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), dtype=cfg.compute_dtype,
+                param_dtype=cfg.weight_dtype, init_std=cfg.init_std, rngs=rngs, dot_general=dot_general,
+            )
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """``tokens`` int ``[B, L]`` -> (logits float32 ``[B, L, vocab]``, updated cache or None).
+
+        Without a cache, ``positions`` default to ``0..L-1``. With a cache, the tokens continue each sequence
+        at ``cache.lengths`` and the returned cache has ``lengths + L``.
+        """
+        b, l = tokens.shape
+        if cache is not None:
+            positions = cache.lengths[:, None] + jnp.arange(l, dtype=jnp.int32)[None, :]
+        elif positions is None:
+            positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        x = self.constrain(self.embed(tokens), ACT_HIDDEN)
+        x, new_kv = self._run_layers(x, positions, cache)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+        logits = self.constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+        if cache is None:
+            return logits, None
+        return logits, KVCache(keys=new_kv[0], values=new_kv[1], lengths=cache.lengths + l)
+
+    def _run_layers(self, x, positions, cache: KVCache | None):
+        starts = None if cache is None else cache.lengths
+
+        def block_fn(graphdef, block_state, x, kv):
+            return nnx.merge(graphdef, block_state)(x, positions, kv, starts)
+
+        if self.cfg.remat != "none":
+            block_fn = jax.checkpoint(
+                block_fn, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers,
+                static_argnums=(0,),
+            )
+
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(x, layer):
+                block_state, kv = layer
+                x, new_kv = block_fn(graphdef, block_state, x, kv)
+                return x, new_kv
+
+            kv_in = None if cache is None else (cache.keys, cache.values)
+            x, kv_out = jax.lax.scan(body, x, (state, kv_in))
+            return x, kv_out
+
+        new_keys, new_values = [], []
+        for i, block in enumerate(self.layers):
+            graphdef, state = nnx.split(block)
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, new_kv = block_fn(graphdef, state, x, kv)
+            if new_kv is not None:
+                new_keys.append(new_kv[0])
+                new_values.append(new_kv[1])
+        if cache is None:
+            return x, None
+        return x, (jnp.stack(new_keys), jnp.stack(new_values))
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens."""
+        cfg = self.cfg
+        return KVCache.create(
+            cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype or cfg.compute_dtype
+        )
+

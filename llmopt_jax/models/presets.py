@@ -1,0 +1,26 @@
+"""Named model shapes shared by the config files (``configs/*.py``)."""
+
+from __future__ import annotations
+
+MODEL_PRESETS: dict[str, dict] = {
+    # A few million parameters: trains visibly in a minute on 2 CPU cores (byte-level vocab padded to 512).
+    "smoke": dict(
+        vocab_size=512, d_model=256, num_layers=4, num_heads=8, num_kv_heads=4, mlp_dim=768, rope_base=10000.0,
+        tie_embeddings=True, max_seq_len=512,
+    ),
+    # The smallest shape that still exercises GQA, scan and tensor sharding: unit tests.
+    "tiny": dict(
+        vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128, rope_base=10000.0,
+        tie_embeddings=True, max_seq_len=256,
+    ),
+    # SmolLM2-135M (HuggingFaceTB), the real model of the case studies.
+    "smollm2_135m": dict(
+        vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, mlp_dim=1536, head_dim=64,
+        rope_base=100000.0, rms_eps=1e-5, tie_embeddings=True, max_seq_len=8192,
+    ),
+    # LLaMA-2-7B: used for abstract (AOT) compilation and memory estimates only.
+    "llama2_7b": dict(
+        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32, mlp_dim=11008,
+        head_dim=128, rope_base=10000.0, rms_eps=1e-5, tie_embeddings=False, max_seq_len=4096,
+    ),
+}

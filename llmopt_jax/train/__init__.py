@@ -1,0 +1,1 @@
+"""Training: optimizer from config, sharded train step, checkpoints, metrics."""

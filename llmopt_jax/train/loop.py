@@ -1,0 +1,156 @@
+"""The training loop behind ``experiments/train.py``: config in, checkpoints/metrics/results out.
+
+Resumes automatically: if ``WORKDIR/checkpoints`` holds a checkpoint, the state and the data position are
+restored from the newest one and training continues; the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from llmopt_jax.data.text import ByteTokenizer, WindowBatches, load_texts
+from llmopt_jax.errors import ConfigError, ShardingError
+from llmopt_jax.jsonio import write_json
+from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.parallel.mesh import create_mesh, describe
+from llmopt_jax.parallel.rules import logical_to_spec, normalize_rules
+from llmopt_jax.train.checkpoint import Checkpointer
+from llmopt_jax.train.metrics import MetricsLog, measure_peak_flops, model_flops_utilization, total_peak_flops
+from llmopt_jax.train.optim import learning_rate_schedule, make_optimizer
+from llmopt_jax.train.step import batch_sharding, init_train_state, jit_train_step
+
+
+def optimizer_config(config: ConfigDict) -> dict:
+    """The ``optim`` section with ``total_steps`` defaulting to ``train.steps``."""
+    optim = dict(config.optim)
+    if int(optim.get("total_steps", 0)) <= 0:
+        optim["total_steps"] = int(config.train.steps)
+    return optim
+
+
+def make_tokenizer(name: str):
+    if name != "byte":
+        raise ConfigError(f"data.tokenizer={name!r}; only 'byte' is available for training so far")
+    return ByteTokenizer()
+
+
+def check_batch_fits_mesh(batch_size: int, mesh, rules) -> None:
+    spec = logical_to_spec(("act_batch",), rules, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if batch_size % ways:
+        raise ShardingError(
+            f"data.batch_size={batch_size} is not divisible by the batch mesh axes {axes} of size {ways}"
+        )
+
+
+def plot_loss(records: list[dict], path: str) -> None:
+    """Writes the loss curve to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(config: ConfigDict, workdir: str) -> dict:
+    """Trains per ``config``, checkpointing into ``workdir``; returns (and writes) ``results.json``'s dict."""
+    model_cfg = ModelConfig.from_mapping(config.model)
+    tokenizer = make_tokenizer(config.data.tokenizer)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
+    seq_len, micro, accum = int(config.data.seq_len), int(config.data.batch_size), int(config.data.grad_accum)
+    if seq_len <= 0 or micro <= 0 or accum <= 0:
+        raise ConfigError("data.seq_len, data.batch_size and data.grad_accum must be positive")
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    tokens = np.asarray(tokenizer.encode(load_texts(config.data.text_files)), np.int32)
+
+    mesh = create_mesh(config.mesh)
+    rules = normalize_rules(config.sharding_rules)
+    check_batch_fits_mesh(micro, mesh, rules)
+    optim_cfg = optimizer_config(config)
+    optimizer = make_optimizer(optim_cfg)
+    schedule = learning_rate_schedule(optim_cfg)
+    data = WindowBatches(tokens, seq_len, micro * accum, seed=int(config.seed))
+    graphdef, state, shardings = init_train_state(model_cfg, optimizer, mesh, rules, seed=int(config.seed))
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.train.checkpoint_every, config.train.keep_checkpoints,
+        async_save=bool(config.train.async_checkpoint),
+    )
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, position = checkpointer.restore(start, state)
+        data.restore(position)
+    log.truncate_after(start)
+
+    step_fn = jit_train_step(graphdef, optimizer, shardings, mesh, rules)
+    in_sharding = batch_sharding(mesh, rules)
+    peak = float(config.train.peak_flops_per_s) or total_peak_flops(measure_peak_flops(model_cfg.compute_dtype))
+    flops_per_token = model_cfg.train_flops_per_token(seq_len)
+    tokens_per_step = micro * accum * seq_len
+    total = int(config.train.steps)
+
+    bar = tqdm(range(start + 1, total + 1), initial=start, total=total, desc="train", disable=not config.train.progress)
+    first_in_process = True
+    for step in bar:
+        batch = data.next().reshape(accum, micro, seq_len + 1)
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, jax.make_array_from_process_local_data(in_sharding, batch))
+        loss = float(metrics["loss"])  # also waits for the step: the timing below is real
+        seconds = time.perf_counter() - t0
+        tokens_per_s = tokens_per_step / seconds
+        record = {
+            "step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+            "learning_rate": float(schedule(step - 1)), "seconds": seconds, "tokens_per_s": tokens_per_s,
+            "mfu": model_flops_utilization(tokens_per_s, flops_per_token, peak), "includes_compile": first_in_process,
+        }
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}")
+        first_in_process = False
+        if step % int(config.train.log_every) == 0 or step == total:
+            log.write(record)
+        checkpointer.maybe_save(step, state, data.position(), force=(step == total))
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+    checkpointer.close()
+
+    records = log.read()
+    timed = [r for r in records if not r["includes_compile"]] or records
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
+    results = {
+        "initial_loss": records[0]["loss"],
+        "final_loss": records[-1]["loss"],
+        "final_loss_mean_last10": float(np.mean([r["loss"] for r in records[-10:]])),
+        "steps": records[-1]["step"],
+        "tokens_per_s": tokens_per_s,
+        "mfu": model_flops_utilization(tokens_per_s, flops_per_token, peak),
+        "num_params": num_params,
+        "flops_per_token": flops_per_token,
+        "peak_flops_per_s": peak,
+        "resumed_from_step": start,
+        "mesh": describe(mesh),
+        "backend": jax.default_backend(),
+        "num_devices": jax.device_count(),
+    }
+    write_json(os.path.join(workdir, "results.json"), results)
+    plot_loss(records, os.path.join(workdir, "loss.png"))
+    return results
