@@ -36,7 +36,7 @@ def get_config(preset: str = "smoke") -> ConfigDict:
         c.model.remat = "full"
 
     # Mesh axis sizes (-1 = the devices left over) and the logical-axis -> mesh-axis rules.
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, stage=1))
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, stage=1))  # FSDP over all devices
     c.mesh.update({f"dcn_{a}": 1 for a in ("data", "fsdp", "tensor", "expert", "stage")})
     c.sharding_rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
 
@@ -62,4 +62,8 @@ def get_config(preset: str = "smoke") -> ConfigDict:
     c.train.async_checkpoint = True
     c.train.peak_flops_per_s = 0.0  # 0 = measure with a matmul on the default device
     c.train.progress = True
+
+    # experiments/aot_memory.py: compile the train step for a fake mesh of CPU devices, allocate nothing.
+    c.aot = ConfigDict()
+    c.aot.num_devices = 8
     return c
