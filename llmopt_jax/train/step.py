@@ -60,7 +60,7 @@ def train_step(
         "params": optax.apply_updates(params, updates),
         "opt_state": opt_state,
     }
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def init_train_state(
