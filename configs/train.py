@@ -22,6 +22,7 @@ def get_config(preset: str = "smoke") -> ConfigDict:
     c = ConfigDict()
     c.preset = preset
     c.seed = 0
+    c.distributed = False  # True on multi-host slices: calls jax.distributed.initialize()
 
     c.model = ConfigDict(
         dict(

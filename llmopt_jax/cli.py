@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Callable
 
@@ -28,11 +29,18 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
-def _flag_error_message(e: BaseException) -> str:
-    text = str(e).strip().strip('"').strip("'")
-    if isinstance(e, (AttributeError, KeyError)) and "'" in str(e):
-        key = str(e).split("'")[1]
-        return f"unknown config key {key!r} ({' '.join(text.split())})"
+def _flag_error_message(e: BaseException, argv: list[str]) -> str:
+    """One readable line for a flag-parsing failure; names the offending ``--config.`` override."""
+    text = str(e).replace("\\'", "'").replace("\\n", " ")
+    if isinstance(e, (AttributeError, KeyError)):
+        match = re.search(r"'([A-Za-z_]\w*)'", text)
+        if match:
+            key = match.group(1)
+            overrides = [a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--config.")]
+            full = next((o for o in overrides if key in o.split(".")), f"config.{key}")
+            hint = re.search(r'Did you mean "([^"]+)"', text)
+            suggestion = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+            return f"unknown config key {full.removeprefix('config.')!r}{suggestion}"
     return text
 
 
@@ -59,7 +67,7 @@ def run(main: Callable[[ConfigDict, str], None], default_workdir: str | None = N
         except SystemExit:
             raise
         except Exception as e:  # noqa: BLE001 - every parse failure is the user's input
-            fail(_flag_error_message(e))
+            fail(_flag_error_message(e, argv))
         if not workdir_flag.value:
             fail("--workdir=DIR is required")
         return rest

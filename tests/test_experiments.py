@@ -88,7 +88,8 @@ def _leaves(tree):
 @pytest.mark.parametrize(
     "override,fragment",
     [
-        ("--config.model.hidden=3", "unknown config key"),
+        ("--config.model.hidden=3", "unknown config key 'model.hidden'"),
+        ("--config.model.d_modle=3", 'did you mean "d_model"'),
         ("--config.nonsense.depth=3", "unknown config key"),
         ("--config.mesh.data=3", "does not divide 8"),
         ("--config.mesh.tensor=8", "not divisible by mesh axes ('tensor',) of size 8"),

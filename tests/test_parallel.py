@@ -35,6 +35,8 @@ def test_resolve_axis_sizes_fills_minus_one():
         (dict(data=2, fsdp=2), "use 4 devices but 8"),
         (dict(data=-1, fsdp=-1), "at most one"),
         (dict(data=0), "positive"),
+        (dict(data=2, fsdp=-1, dcn_data=2), "multi-slice"),
+        (dict(fsdp=-1, dcn_data=3), "do not split into 3 slices"),
     ],
 )
 def test_mesh_errors(sizes, match):

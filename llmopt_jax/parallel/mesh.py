@@ -59,6 +59,8 @@ def create_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | Non
         raise MeshError(f"{len(devices)} devices do not split into {num_slices} slices (dcn sizes {dcn})")
     ici = resolve_axis_sizes({a: mesh_cfg.get(a, 1) for a in MESH_AXES}, len(devices) // num_slices)
     if num_slices > 1:
+        if not all(hasattr(d, "slice_index") for d in devices):
+            raise MeshError(f"dcn mesh sizes {dcn} need multi-slice devices, but {devices[0].platform} devices have none")
         device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
     else:
         try:

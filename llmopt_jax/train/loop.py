@@ -20,6 +20,7 @@ from llmopt_jax.data.text import ByteTokenizer, WindowBatches, load_texts
 from llmopt_jax.errors import ConfigError, ShardingError
 from llmopt_jax.jsonio import write_json
 from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.parallel.distributed import global_array, maybe_initialize
 from llmopt_jax.parallel.mesh import create_mesh, describe
 from llmopt_jax.parallel.rules import logical_to_spec, normalize_rules
 from llmopt_jax.train.checkpoint import Checkpointer
@@ -82,6 +83,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
         raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     tokens = np.asarray(tokenizer.encode(load_texts(config.data.text_files)), np.int32)
 
+    maybe_initialize(bool(config.get("distributed", False)))
     mesh = create_mesh(config.mesh)
     rules = normalize_rules(config.sharding_rules)
     check_batch_fits_mesh(micro, mesh, rules)
@@ -115,7 +117,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
     for step in bar:
         batch = data.next().reshape(accum, micro, seq_len + 1)
         t0 = time.perf_counter()
-        state, metrics = step_fn(state, jax.make_array_from_process_local_data(in_sharding, batch))
+        state, metrics = step_fn(state, global_array(batch, in_sharding))
         loss = float(metrics["loss"])  # also waits for the step: the timing below is real
         seconds = time.perf_counter() - t0
         tokens_per_s = tokens_per_step / seconds
@@ -149,6 +151,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
         "resumed_from_step": start,
         "mesh": describe(mesh),
         "backend": jax.default_backend(),
+        "num_processes": jax.process_count(),
         "num_devices": jax.device_count(),
     }
     write_json(os.path.join(workdir, "results.json"), results)
