@@ -118,7 +118,7 @@ class Decoder(nnx.Module):
         self.constrain = constrain
         self.embed = Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-            init_std=cfg.init_std, rngs=rngs,
+            init_std=cfg.init_std, rngs=rngs, constrain=constrain,
         )
         if cfg.scan_layers:
             self.layers = _stacked_blocks(cfg, rngs, dot_general, constrain)

@@ -85,14 +85,22 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding table ``(vocab, embed)``; ``attend`` reuses it as a tied output projection."""
 
-    def __init__(self, vocab_size: int, d_model: int, *, dtype, param_dtype, init_std: float, rngs: nnx.Rngs):
+    def __init__(
+        self, vocab_size: int, d_model: int, *, dtype, param_dtype, init_std: float, rngs: nnx.Rngs,
+        constrain: ActivationConstraint = no_constraint,
+    ):
         self.dtype = dtype
+        self.constrain = constrain
         init = jax.nn.initializers.normal(stddev=init_std)
         self.embedding = logical_param(rngs.params(), (vocab_size, d_model), ("vocab", "embed"), param_dtype, init)
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
         """``token_ids`` int ``[B, L]`` -> embeddings ``[B, L, D]`` in the compute dtype."""
-        return jnp.take(self.embedding[...], token_ids, axis=0).astype(self.dtype)
+        # XLA's SPMD partitioner cannot gather rows from a vocab-sharded table into a batch-sharded output
+        # without replicating it anyway ("involuntary full rematerialization"); gathering the table first
+        # says so explicitly and costs the same one all-gather.
+        table = self.constrain(self.embedding[...], (None, None))
+        return jnp.take(table, token_ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """``x`` ``[B, L, D]`` -> logits ``[B, L, V]`` against the embedding table."""
