@@ -57,7 +57,7 @@ def read_gguf(path: str) -> GGUFFile:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - the gguf package raises many types for bad bytes
-        raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise GGUFError(f"{path}: truncated or corrupted GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     metadata = {}
     for key, field in reader.fields.items():
         try:
