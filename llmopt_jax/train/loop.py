@@ -99,11 +99,13 @@ def train(config: ConfigDict, workdir: str) -> dict:
         async_save=bool(config.train.async_checkpoint),
     )
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    is_main = jax.process_index() == 0  # one writer per workdir on multi-host runs
     start = checkpointer.latest_step() or 0
     if start:
         state, position = checkpointer.restore(start, state)
         data.restore(position)
-    log.truncate_after(start)
+    if is_main:
+        log.truncate_after(start)
 
     step_fn = jit_train_step(graphdef, optimizer, shardings, mesh, rules)
     in_sharding = batch_sharding(mesh, rules)
@@ -112,7 +114,10 @@ def train(config: ConfigDict, workdir: str) -> dict:
     tokens_per_step = micro * accum * seq_len
     total = int(config.train.steps)
 
-    bar = tqdm(range(start + 1, total + 1), initial=start, total=total, desc="train", disable=not config.train.progress)
+    bar = tqdm(
+        range(start + 1, total + 1), initial=start, total=total, desc="train",
+        disable=not (config.train.progress and is_main),
+    )
     first_in_process = True
     for step in bar:
         batch = data.next().reshape(accum, micro, seq_len + 1)
@@ -129,7 +134,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}")
         first_in_process = False
-        if step % int(config.train.log_every) == 0 or step == total:
+        if is_main and (step % int(config.train.log_every) == 0 or step == total):
             log.write(record)
         checkpointer.maybe_save(step, state, data.position(), force=(step == total))
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")
@@ -154,6 +159,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
         "num_processes": jax.process_count(),
         "num_devices": jax.device_count(),
     }
-    write_json(os.path.join(workdir, "results.json"), results)
-    plot_loss(records, os.path.join(workdir, "loss.png"))
+    if is_main:
+        write_json(os.path.join(workdir, "results.json"), results)
+        plot_loss(records, os.path.join(workdir, "loss.png"))
     return results
