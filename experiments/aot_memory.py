@@ -11,6 +11,7 @@ workspace) from XLA's memory analysis, plus XLA's FLOP count for one step.
 import time
 
 from llmopt_jax import cli
+from llmopt_jax.jsonio import write_json
 
 
 def main(config, workdir):
@@ -26,7 +27,7 @@ def main(config, workdir):
     t0 = time.perf_counter()
     report = compile_train_step_abstract(config)
     report["seconds_compile"] = time.perf_counter() - t0
-    cli.write_json(f"{workdir}/results.json", report)
+    write_json(f"{workdir}/results.json", report)
     gib = 2.0**30
     print(f"{config.preset}: {report['num_params']:,} params on mesh {report['mesh']} ({report['num_devices']} devices)")
     for key in ("param_bytes_per_device", "optimizer_bytes_per_device", "temp_bytes_per_device",

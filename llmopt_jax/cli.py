@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from llmopt_jax.errors import LlmoptError
-from llmopt_jax.jsonio import write_json  # noqa: F401 (re-exported for experiments)
+from llmopt_jax.jsonio import write_json
 
 EXIT_USER_ERROR = 2
 

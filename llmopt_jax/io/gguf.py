@@ -119,6 +119,9 @@ def params_from_gguf(f: GGUFFile, cfg: ModelConfig) -> dict:
     """
     d, h, k, hd, ff = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
 
+    def vector(name, dim):
+        return _expect(f, name, f.tensor(name), (dim,))
+
     def linear(name, out_dim, in_dim):
         return _expect(f, name, f.tensor(name), (out_dim, in_dim)).T  # [out, in] -> [in, out]
 
@@ -127,12 +130,12 @@ def params_from_gguf(f: GGUFFile, cfg: ModelConfig) -> dict:
         p = f"blk.{i}."
         layers.append(
             {
-                "attn_norm": {"scale": _expect(f, p + "attn_norm.weight", f.tensor(p + "attn_norm.weight"), (d,))},
+                "attn_norm": {"scale": vector(p + "attn_norm.weight", d)},
                 "q_proj": {"kernel": linear(p + "attn_q.weight", h * hd, d).reshape(d, h, hd)},
                 "k_proj": {"kernel": linear(p + "attn_k.weight", k * hd, d).reshape(d, k, hd)},
                 "v_proj": {"kernel": linear(p + "attn_v.weight", k * hd, d).reshape(d, k, hd)},
                 "o_proj": {"kernel": linear(p + "attn_output.weight", d, h * hd).reshape(h, hd, d)},
-                "mlp_norm": {"scale": _expect(f, p + "ffn_norm.weight", f.tensor(p + "ffn_norm.weight"), (d,))},
+                "mlp_norm": {"scale": vector(p + "ffn_norm.weight", d)},
                 "gate_proj": {"kernel": linear(p + "ffn_gate.weight", ff, d)},
                 "up_proj": {"kernel": linear(p + "ffn_up.weight", ff, d)},
                 "down_proj": {"kernel": linear(p + "ffn_down.weight", d, ff)},
@@ -140,7 +143,7 @@ def params_from_gguf(f: GGUFFile, cfg: ModelConfig) -> dict:
         )
     params: dict = {
         "embed": {"embedding": _expect(f, "token_embd.weight", f.tensor("token_embd.weight"), (cfg.vocab_size, d))},
-        "final_norm": {"scale": _expect(f, "output_norm.weight", f.tensor("output_norm.weight"), (d,))},
+        "final_norm": {"scale": vector("output_norm.weight", d)},
     }
     if cfg.scan_layers:
         import jax

@@ -69,6 +69,8 @@ def load_params(
     import numpy as np
 
     graphdef, abstract = abstract_model(cfg, mesh, rules)
+    if mesh is not None:
+        check_divisible(abstract, mesh, rules)
     flat_abstract = dict(nnx.to_flat_state(abstract))
     flat_given = {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(nnx.State(pure_params))}
     for path, var in flat_abstract.items():
@@ -81,6 +83,5 @@ def load_params(
     nnx.replace_by_pure_dict(state, pure_params)
     state = jax.tree.map(lambda x: jnp.asarray(x, cfg.weight_dtype), state)
     if mesh is not None:
-        check_divisible(abstract, mesh, rules)
         state = jax.device_put(state, tree_shardings(abstract, mesh, rules))
     return graphdef, state

@@ -10,10 +10,10 @@ from ml_collections import ConfigDict
 
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.parallel.mesh import create_mesh, describe
-from llmopt_jax.parallel.rules import check_divisible, normalize_rules, tree_shardings
+from llmopt_jax.parallel.rules import check_divisible, normalize_rules
 from llmopt_jax.parallel.sharded_init import abstract_model
 from llmopt_jax.train.optim import make_optimizer
-from llmopt_jax.train.step import batch_sharding, jit_train_step
+from llmopt_jax.train.step import batch_sharding, jit_train_step, train_state_shardings
 
 
 def _abstract(tree, shardings):
@@ -45,13 +45,10 @@ def compile_train_step_abstract(config: ConfigDict) -> dict:
 
     graphdef, params = abstract_model(model_cfg, mesh, rules, seed=int(config.seed))
     check_divisible(params, mesh, rules)
-    opt_state = jax.eval_shape(optimizer.init, params)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = {"step": replicated, "params": tree_shardings(params, mesh, rules),
-                 "opt_state": tree_shardings(opt_state, mesh, rules)}
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+    shardings = train_state_shardings(params, optimizer, mesh, rules)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings["step"]),
              "params": _abstract(params, shardings["params"]),
-             "opt_state": _abstract(opt_state, shardings["opt_state"])}
+             "opt_state": _abstract(jax.eval_shape(optimizer.init, params), shardings["opt_state"])}
     batch = jax.ShapeDtypeStruct((accum, micro, seq_len + 1), jnp.int32, sharding=batch_sharding(mesh, rules))
 
     compiled = jit_train_step(graphdef, optimizer, shardings, mesh, rules).lower(state, batch).compile()

@@ -63,6 +63,15 @@ def train_step(
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
+def train_state_shardings(params, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Shardings of the train state for ``params`` (concrete or abstract): step replicated, the rest by rules."""
+    return {
+        "step": NamedSharding(mesh, PartitionSpec()),
+        "params": tree_shardings(params, mesh, rules),
+        "opt_state": tree_shardings(jax.eval_shape(optimizer.init, params), mesh, rules),
+    }
+
+
 def init_train_state(
     cfg: ModelConfig,
     optimizer: optax.GradientTransformation,
@@ -72,11 +81,12 @@ def init_train_state(
 ) -> tuple[nnx.GraphDef, TrainState, Any]:
     """``(graphdef, state, state_shardings)`` with parameters and optimizer moments created sharded."""
     graphdef, params = init_model(cfg, mesh, rules, seed)
-    opt_shardings = tree_shardings(jax.eval_shape(optimizer.init, params), mesh, rules)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params, "opt_state": opt_state}
-    shardings = {"step": replicated, "params": tree_shardings(params, mesh, rules), "opt_state": opt_shardings}
+    shardings = train_state_shardings(params, optimizer, mesh, rules)
+    state = {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
+        "params": params,
+        "opt_state": jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params),
+    }
     return graphdef, state, shardings
 
 
