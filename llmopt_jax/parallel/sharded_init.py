@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from llmopt_jax.errors import LlmoptError
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.models.decoder import Decoder
 from llmopt_jax.models.layers import DotGeneral
@@ -63,7 +64,7 @@ def load_params(
     """``(graphdef, params)`` holding ``pure_params`` (a nested dict of arrays, e.g. from a GGUF file).
 
     Arrays are cast to ``cfg.param_dtype`` and, with a ``mesh``, placed directly in their rule-given shardings.
-    Raises ``ValueError`` naming the first parameter whose shape differs from the model's.
+    Raises ``LlmoptError`` naming the first parameter whose shape differs from the model's.
     """
     import jax.numpy as jnp
     import numpy as np
@@ -76,9 +77,9 @@ def load_params(
     for path, var in flat_abstract.items():
         key = tuple(str(k) for k in path)
         if key not in flat_given:
-            raise ValueError(f"parameter {'/'.join(key)} is missing")
+            raise LlmoptError(f"parameter {'/'.join(key)} is missing")
         if tuple(np.shape(flat_given[key])) != tuple(var.shape):
-            raise ValueError(f"parameter {'/'.join(key)} has shape {np.shape(flat_given[key])}, model expects {var.shape}")
+            raise LlmoptError(f"parameter {'/'.join(key)} has shape {np.shape(flat_given[key])}, model expects {var.shape}")
     state = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(state, pure_params)
     state = jax.tree.map(lambda x: jnp.asarray(x, cfg.weight_dtype), state)
