@@ -52,12 +52,14 @@ class GGUFTokenizer:
         vocab_size: int,
         chat_template: str | None = None,
         stop_ids: Sequence[int] = (),
+        add_bos: bool = False,
     ):
         self.tokenizer = tokenizer
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.vocab_size = vocab_size
         self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        self.add_bos = add_bos and bos_id is not None  # whether prompts should start with BOS (model metadata)
         # Ids that end a generated answer: EOS plus end-of-turn control tokens.
         self.stop_ids = tuple(sorted(set(stop_ids) | ({eos_id} if eos_id is not None else set())))
 
@@ -70,9 +72,9 @@ class GGUFTokenizer:
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages`` (``[{"role": ..., "content": ...}]``) rendered by the model's template."""
-        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         template = env.from_string(self.chat_template)
         return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt)
 
@@ -110,6 +112,7 @@ def tokenizer_from_gguf(f: GGUFFile) -> GGUFTokenizer:
         len(tokens),
         chat_template=f.metadata.get("tokenizer.chat_template"),
         stop_ids=end_of_turn,
+        add_bos=bool(f.metadata.get("tokenizer.ggml.add_bos_token", False)),
     )
 
 
@@ -133,4 +136,5 @@ def tokenizer_from_json(path: str, chat_template: str | None = None) -> GGUFToke
     return GGUFTokenizer(
         tok, token_id("bos_token"), token_id("eos_token"), tok.get_vocab_size(),
         chat_template=chat_template or config.get("chat_template"), stop_ids=end_of_turn,
+        add_bos=bool(config.get("add_bos_token", False)),
     )

@@ -137,3 +137,12 @@ def activation_constraint(mesh: Mesh, rules: Rules) -> Callable[[jax.Array, Sequ
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     return constrain
+
+
+def check_batch_fits_mesh(batch_size: int, mesh: Mesh, rules: Rules, what: str = "data.batch_size") -> None:
+    """Raises ``ShardingError`` unless ``batch_size`` divides over the mesh axes ``act_batch`` maps to."""
+    spec = logical_to_spec(("act_batch",), rules, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if batch_size % ways:
+        raise ShardingError(f"{what}={batch_size} is not divisible by the batch mesh axes {axes} of size {ways}")

@@ -17,12 +17,12 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from llmopt_jax.data.text import ByteTokenizer, WindowBatches, load_texts
-from llmopt_jax.errors import ConfigError, ShardingError
+from llmopt_jax.errors import ConfigError
 from llmopt_jax.jsonio import write_json
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.parallel.distributed import global_array, maybe_initialize
 from llmopt_jax.parallel.mesh import create_mesh, describe
-from llmopt_jax.parallel.rules import logical_to_spec, normalize_rules
+from llmopt_jax.parallel.rules import check_batch_fits_mesh, normalize_rules
 from llmopt_jax.train.checkpoint import Checkpointer
 from llmopt_jax.train.metrics import MetricsLog, measure_peak_flops, model_flops_utilization, total_peak_flops
 from llmopt_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -41,16 +41,6 @@ def make_tokenizer(name: str):
     if name != "byte":
         raise ConfigError(f"data.tokenizer={name!r}; only 'byte' is available for training so far")
     return ByteTokenizer()
-
-
-def check_batch_fits_mesh(batch_size: int, mesh, rules) -> None:
-    spec = logical_to_spec(("act_batch",), rules, mesh)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    ways = math.prod(mesh.shape[a] for a in axes)
-    if batch_size % ways:
-        raise ShardingError(
-            f"data.batch_size={batch_size} is not divisible by the batch mesh axes {axes} of size {ways}"
-        )
 
 
 def plot_loss(records: list[dict], path: str) -> None:

@@ -1,0 +1,214 @@
+"""Autoregressive generation: one jitted prefill and one jitted single-token decode over a preallocated KV cache.
+
+Prompts are right-padded to a bucket length (a power of two), so prompts of similar length share one
+compiled prefill; the cache is allocated once for ``bucket + max_new_tokens`` slots and every decode step
+has the same shapes, so decoding compiles exactly once per (batch, cache length). Both functions are
+compiled ahead of time (``jit(...).lower(...).compile()``): a shape change raises instead of silently
+recompiling. Sampling (greedy, temperature, top-k, top-p) runs inside the jitted step with explicit keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llmopt_jax.errors import ConfigError
+from llmopt_jax.models.kv_cache import KVCache
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is drawn: ``greedy`` (argmax) or from ``softmax(logits / temperature)`` restricted
+    to the ``top_k`` most likely tokens (0 = all) and the smallest set whose probability reaches ``top_p``."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.greedy and self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive when sampling, got {self.temperature} (use greedy=True)")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Next-token ids int32 ``[B]`` drawn from float32 logits ``[B, V]`` (see :class:`SamplingConfig`)."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    neg_inf = jnp.finfo(jnp.float32).min
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token if the mass strictly before it is below top_p (so the most likely token always stays).
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg_inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two ``>= max(n, minimum)`` (prompt lengths are padded to it)."""
+    return max(minimum, 1 << max(0, int(n - 1).bit_length()))
+
+
+def _prefill(graphdef, params, tokens, lengths, cache, key, sampling: SamplingConfig):
+    """Runs right-padded prompts ``[B, Lb]`` through the model; returns (first new tokens ``[B]``, cache)."""
+    logits, cache = nnx.merge(graphdef, params)(tokens, cache=cache)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    # The padded tail was written to the cache but lies beyond each sequence's length: decode overwrites it.
+    cache = dataclasses.replace(cache, lengths=lengths)
+    return sample_logits(last, key, sampling), cache
+
+
+def _decode(graphdef, params, tokens, cache, key, sampling: SamplingConfig):
+    """Feeds one token per sequence ``[B]``; returns (next tokens ``[B]``, cache advanced by one)."""
+    logits, cache = nnx.merge(graphdef, params)(tokens[:, None], cache=cache)
+    return sample_logits(logits[:, -1], key, sampling), cache
+
+
+@dataclasses.dataclass
+class Generation:
+    """Result of :func:`generate`: new token ids per prompt (stop token excluded) and timings."""
+
+    tokens: list[list[int]]
+    prompt_lengths: list[int]
+    stopped: list[bool]  # True where a stop token ended the sequence, False where max_new_tokens did
+    seconds_prefill: float
+    seconds_decode: float
+    decode_steps: int
+    seconds_compile: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return sum(self.prompt_lengths) / self.seconds_prefill
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced per second by the decode steps, summed over the batch."""
+        return len(self.prompt_lengths) * self.decode_steps / self.seconds_decode if self.decode_steps else 0.0
+
+
+class Generator:
+    """Compiled prefill/decode for one model, batch size, prompt bucket and cache length.
+
+    Build once and call :meth:`generate` many times; compiled functions are cached per shape, so repeated
+    calls with prompts in the same bucket never recompile.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, cache_dtype=None):
+        self.graphdef = graphdef
+        self.params = params
+        self.cfg = nnx.merge(graphdef, params).cfg
+        self.cache_dtype = cache_dtype or self.cfg.compute_dtype
+        self._compiled: dict[tuple, Callable] = {}
+        self.compile_seconds = 0.0
+
+    def _empty_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.cfg
+        return KVCache.create(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.cache_dtype)
+
+    def _compile(self, kind: str, sampling: SamplingConfig, *args) -> Callable:
+        shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
+        key = (kind, sampling, shapes)
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            fn = _prefill if kind == "prefill" else _decode
+            jitted = jax.jit(
+                lambda p, *a: fn(self.graphdef, p, *a, sampling=sampling),
+                donate_argnums=(3,) if kind == "prefill" else (2,),
+            )
+            self._compiled[key] = jitted.lower(self.params, *args).compile()
+            self.compile_seconds += time.perf_counter() - t0
+        return self._compiled[key]
+
+    @property
+    def num_compiled(self) -> dict[str, int]:
+        """How many executables exist per kind (one decode per batch/cache shape means no recompilation)."""
+        counts: dict[str, int] = {}
+        for kind, *_ in self._compiled:
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        *,
+        seed: int = 0,
+        stop_ids: Sequence[int] = (),
+        on_token: Callable[[np.ndarray], None] | None = None,
+    ) -> Generation:
+        """Continues each prompt (token ids) by up to ``max_new_tokens`` tokens; stops a sequence at ``stop_ids``.
+
+        ``on_token`` receives each step's new tokens ``[B]`` (for streaming). Random draws use
+        ``fold_in(key(seed), step)``, so a seed reproduces a sample exactly.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        lengths = [len(p) for p in prompts]
+        bucket = bucket_length(max(lengths))
+        max_len = bucket + max_new_tokens
+        if max_len > self.cfg.max_seq_len:
+            raise ConfigError(
+                f"prompt bucket {bucket} + max_new_tokens {max_new_tokens} exceeds the model's context "
+                f"of {self.cfg.max_seq_len} tokens"
+            )
+        batch = len(prompts)
+        padded = np.zeros((batch, bucket), np.int32)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = p
+        tokens, lens = jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
+        cache = self._empty_cache(batch, max_len)
+        base_key = jax.random.key(seed)
+        compile_before = self.compile_seconds
+        prefill = self._compile("prefill", sampling, tokens, lens, cache, base_key)
+        decode = self._compile("decode", sampling, lens, cache, base_key)
+
+        t0 = time.perf_counter()
+        nxt, cache = prefill(self.params, tokens, lens, cache, jax.random.fold_in(base_key, 0))
+        nxt_host = np.asarray(nxt)
+        seconds_prefill = time.perf_counter() - t0
+
+        stops = np.asarray(sorted(set(int(s) for s in stop_ids)), np.int64)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(batch, bool)
+        steps = 0
+        t0 = time.perf_counter()
+        for step in range(1, max_new_tokens + 1):
+            for i in np.flatnonzero(~done):
+                if nxt_host[i] in stops:
+                    done[i] = True
+                else:
+                    out[i].append(int(nxt_host[i]))
+            if on_token is not None:
+                on_token(nxt_host)
+            if done.all() or step == max_new_tokens:
+                break
+            nxt, cache = decode(self.params, nxt, cache, jax.random.fold_in(base_key, step))
+            nxt_host = np.asarray(nxt)
+            steps += 1
+        seconds_decode = time.perf_counter() - t0
+        return Generation(
+            tokens=out, prompt_lengths=lengths, stopped=done.tolist(), seconds_prefill=seconds_prefill,
+            seconds_decode=seconds_decode, decode_steps=steps, seconds_compile=self.compile_seconds - compile_before,
+        )

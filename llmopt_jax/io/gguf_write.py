@@ -1,0 +1,200 @@
+"""Write our LLaMA-family parameters as a GGUF file that llama.cpp runs (architecture ``llama``).
+
+:func:`write_gguf` is the exact inverse of :func:`llmopt_jax.io.gguf.params_from_gguf`: q/k rows are stored in
+llama.cpp's interleaved rotary layout (permuted from the Hugging Face layout when ``cfg.rope_interleaved`` is
+False), 2-D weights in ``tensor_type``, norm vectors always in F32 (llama.cpp requires it).
+
+Q8_0 needs each row (a weight's input dimension) to be a multiple of 32 values; a weight whose row is not is
+written as F16 instead, with a warning naming it (the fallback llama.cpp's own quantizer makes).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import numpy as np
+
+from llmopt_jax.io.gguf import GGUFError, GGUFFile
+from llmopt_jax.models.config import ModelConfig
+
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    import jax
+
+    return np.asarray(jax.device_get(x)).astype(np.float32, copy=False)  # gathers sharded arrays; no copy if f32
+
+
+def _hf_to_interleaved(kernel: np.ndarray) -> np.ndarray:
+    """Reorders the last (head_dim) axis so pairs ``(i, i + hd/2)`` become adjacent ``(2i, 2i+1)``."""
+    hd = kernel.shape[-1]
+    perm = np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], -1).reshape(-1)
+    return kernel[..., perm]
+
+
+def _gguf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
+    """llama.cpp tensor names -> float32 arrays in GGUF's NumPy order (``[out, in]`` for linear weights)."""
+    from flax import nnx
+
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
+    d, h, k, hd, ff, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+
+    def get(tree: Any, path: tuple, shape: tuple[int, ...]) -> np.ndarray:
+        node = tree
+        for key in path:
+            if isinstance(node, dict) and key not in node and str(key) in node:
+                key = str(key)  # layer indices may be int or str keys
+            if not isinstance(node, dict) or key not in node:
+                raise GGUFError(f"parameter {'/'.join(map(str, path))} is missing")
+            node = node[key]
+        array = _to_numpy(node)
+        if array.shape != shape:
+            raise GGUFError(f"parameter {'/'.join(map(str, path))} has shape {array.shape}, expected {shape}")
+        return array
+
+    out = {"token_embd.weight": get(params, ("embed", "embedding"), (v, d))}
+    for i in range(cfg.num_layers):
+        if cfg.scan_layers:
+            layer_of = lambda name, shape: get(params, ("layers", name, "kernel"), (cfg.num_layers, *shape))[i]  # noqa: E731
+            scale_of = lambda name: get(params, ("layers", name, "scale"), (cfg.num_layers, d))[i]  # noqa: E731
+        else:
+            layer_of = lambda name, shape: get(params, ("layers", i, name, "kernel"), shape)  # noqa: E731
+            scale_of = lambda name: get(params, ("layers", i, name, "scale"), (d,))  # noqa: E731
+        q, kk = layer_of("q_proj", (d, h, hd)), layer_of("k_proj", (d, k, hd))
+        if not cfg.rope_interleaved:
+            q, kk = _hf_to_interleaved(q), _hf_to_interleaved(kk)
+        p = f"blk.{i}."
+        out |= {
+            p + "attn_norm.weight": scale_of("attn_norm"),
+            p + "attn_q.weight": q.reshape(d, h * hd).T,
+            p + "attn_k.weight": kk.reshape(d, k * hd).T,
+            p + "attn_v.weight": layer_of("v_proj", (d, k, hd)).reshape(d, k * hd).T,
+            p + "attn_output.weight": layer_of("o_proj", (h, hd, d)).reshape(h * hd, d).T,
+            p + "ffn_norm.weight": scale_of("mlp_norm"),
+            p + "ffn_gate.weight": layer_of("gate_proj", (d, ff)).T,
+            p + "ffn_up.weight": layer_of("up_proj", (d, ff)).T,
+            p + "ffn_down.weight": layer_of("down_proj", (ff, d)).T,
+        }
+    out["output_norm.weight"] = get(params, ("final_norm", "scale"), (d,))
+    if not cfg.tie_embeddings:
+        out["output.weight"] = get(params, ("lm_head", "kernel"), (d, v)).T
+    return out
+
+
+def _add_tensor(writer: Any, name: str, array: np.ndarray, tensor_type: str) -> None:
+    import gguf
+
+    array = np.ascontiguousarray(array, np.float32)
+    if array.ndim == 1 or tensor_type == "F32":
+        writer.add_tensor(name, array)
+        return
+    if tensor_type == "Q8_0" and array.shape[-1] % 32:
+        warnings.warn(f"GGUF: {name} rows have {array.shape[-1]} values, not a multiple of 32; written as F16, not Q8_0")
+        tensor_type = "F16"
+    if tensor_type == "F16":
+        writer.add_tensor(name, array.astype(np.float16))
+    else:
+        qtype = gguf.GGMLQuantizationType[tensor_type]
+        writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
+
+def _value_type(value: Any) -> Any:
+    """The GGUF type llama.cpp expects for a Python metadata value (ids UINT32, token types INT32, ...)."""
+    from gguf import GGUFValueType as T
+
+    if isinstance(value, bool):
+        return T.BOOL
+    if isinstance(value, int):
+        return T.UINT32 if value >= 0 else T.INT32
+    if isinstance(value, float):
+        return T.FLOAT32
+    if isinstance(value, str):
+        return T.STRING
+    raise GGUFError(f"cannot copy metadata value of type {type(value).__name__}")
+
+
+def _copy_tokenizer(writer: Any, source: GGUFFile) -> None:
+    from gguf import GGUFValueType as T
+
+    for key, value in source.metadata.items():
+        if not key.startswith("tokenizer."):
+            continue
+        if isinstance(value, list):
+            if not value:
+                continue  # GGUF has no empty arrays
+            # arrays of ints are token types (INT32 in llama.cpp); strings and floats keep their scalar type
+            sub = T.INT32 if isinstance(value[0], int) and not isinstance(value[0], bool) else _value_type(value[0])
+            writer.add_key_value(key, value, T.ARRAY, sub_type=sub)
+        else:
+            writer.add_key_value(key, value, _value_type(value))
+
+
+def write_gguf(
+    path: str,
+    cfg: ModelConfig,
+    params: Any,
+    *,
+    tensor_type: str = "F32",
+    metadata_from: GGUFFile | None = None,
+    name: str = "llmopt_jax",
+) -> None:
+    """Writes ``params`` (an ``nnx.State`` or pure dict) for ``cfg`` as a llama.cpp ``llama`` GGUF at ``path``.
+
+    Tokenizer metadata (``tokenizer.*``) is copied from ``metadata_from`` when given; without it the file
+    declares no vocabulary (``tokenizer.ggml.model = "none"``, token ids in, logits out). The file appears
+    atomically: a temporary file in the same directory is renamed over ``path`` only once complete.
+    """
+    import gguf
+
+    if tensor_type not in TENSOR_TYPES:
+        raise GGUFError(f"{path}: unknown GGUF tensor_type {tensor_type!r}; choose one of {TENSOR_TYPES}")
+    file_type = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}[tensor_type]
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+    except OSError as e:
+        raise GGUFError(f"{path}: cannot write into {directory} ({e.strerror or e})") from e
+    w = None
+    try:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_name(name)
+        w.add_file_type(int(gguf.LlamaFileType[file_type]))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.num_layers)
+        w.add_feed_forward_length(cfg.mlp_dim)
+        w.add_head_count(cfg.num_heads)
+        w.add_head_count_kv(cfg.num_kv_heads)
+        # llama.cpp derives head size from d_model / heads unless these say otherwise
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_base)
+        w.add_layer_norm_rms_eps(cfg.rms_eps)  # FLOAT32, as llama.cpp requires: 1e-5 reads back as 9.9999997e-6
+        w.add_vocab_size(cfg.vocab_size)
+        if metadata_from is not None:
+            _copy_tokenizer(w, metadata_from)
+        else:
+            w.add_tokenizer_model("none")
+        for tensor_name, array in _gguf_tensors(cfg, params).items():
+            _add_tensor(w, tensor_name, array, tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException as e:
+        if w is not None:
+            w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise GGUFError(f"{path}: write failed ({e.strerror or e})") from e
+        raise

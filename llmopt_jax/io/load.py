@@ -1,0 +1,62 @@
+"""One entry point for pretrained models: a known name, a GGUF file, or a Hugging Face safetensors directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from llmopt_jax.errors import LlmoptError
+from llmopt_jax.io.gguf import MODEL_PACKAGES, config_from_gguf, params_from_gguf, read_gguf, resolve_model_path
+from llmopt_jax.io.tokenizer import GGUFTokenizer, tokenizer_from_gguf, tokenizer_from_json
+from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.parallel.rules import DEFAULT_RULES, Rules
+from llmopt_jax.parallel.sharded_init import load_params
+
+
+@dataclasses.dataclass
+class PretrainedModel:
+    """A loaded model: config, ``nnx`` graphdef + parameter state (possibly sharded), tokenizer, source path."""
+
+    cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    tokenizer: GGUFTokenizer | None
+    path: str
+
+
+def load_pretrained(
+    name_or_path: str,
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    **config_overrides: Any,
+) -> PretrainedModel:
+    """Loads ``name_or_path`` (``smollm2-135m``, a ``.gguf`` file, or a directory with ``config.json``).
+
+    ``config_overrides`` replace :class:`ModelConfig` fields (e.g. ``dtype="bfloat16"``, ``scan_layers=False``);
+    parameters are stored in ``param_dtype`` and placed with ``rules`` on ``mesh`` when given.
+    """
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        from llmopt_jax.io.safetensors import read_hf_checkpoint
+
+        directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        cfg, pure = read_hf_checkpoint(directory, **config_overrides)
+        tok_path = os.path.join(directory, "tokenizer.json")
+        tokenizer = tokenizer_from_json(tok_path) if os.path.isfile(tok_path) else None
+    elif os.path.isfile(path):
+        f = read_gguf(path)
+        cfg = config_from_gguf(f, **config_overrides)
+        pure = params_from_gguf(f, cfg)
+        tokenizer = tokenizer_from_gguf(f)
+    else:
+        raise LlmoptError(
+            f"model {name_or_path!r} not found: give a known name ({', '.join(MODEL_PACKAGES)}), "
+            "a GGUF file or a directory with config.json + *.safetensors"
+        )
+    graphdef, params = load_params(cfg, pure, mesh, rules)
+    return PretrainedModel(cfg=cfg, graphdef=graphdef, params=params, tokenizer=tokenizer, path=path)
