@@ -40,3 +40,11 @@ def run_cli(args, env_extra=None, timeout=600, **kwargs):
 @pytest.fixture
 def tiny_config():
     return load_config("train", "tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), loaded once per test session."""
+    from llmopt_jax.io.load import load_pretrained
+
+    return load_pretrained("smollm2-135m")
