@@ -5,7 +5,7 @@ llama.cpp's interleaved rotary layout (permuted from the Hugging Face layout whe
 False), 2-D weights in ``tensor_type``, norm vectors always in F32 (llama.cpp requires it).
 
 Q8_0 needs each row (a weight's input dimension) to be a multiple of 32 values; a weight whose row is not is
-written as F16 instead, with a warning naming it (the fallback llama.cpp's own quantizer makes).
+written as F16 instead, with a warning naming it (llama.cpp's converter and quantizer fall back alike).
 """
 
 from __future__ import annotations
@@ -57,28 +57,27 @@ def _gguf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
             raise GGUFError(f"parameter {'/'.join(map(str, path))} has shape {array.shape}, expected {shape}")
         return array
 
+    def layer(i: int, name: str, leaf: str, shape: tuple[int, ...]) -> np.ndarray:
+        if cfg.scan_layers:
+            return get(params, ("layers", name, leaf), (cfg.num_layers, *shape))[i]
+        return get(params, ("layers", i, name, leaf), shape)
+
     out = {"token_embd.weight": get(params, ("embed", "embedding"), (v, d))}
     for i in range(cfg.num_layers):
-        if cfg.scan_layers:
-            layer_of = lambda name, shape: get(params, ("layers", name, "kernel"), (cfg.num_layers, *shape))[i]  # noqa: E731
-            scale_of = lambda name: get(params, ("layers", name, "scale"), (cfg.num_layers, d))[i]  # noqa: E731
-        else:
-            layer_of = lambda name, shape: get(params, ("layers", i, name, "kernel"), shape)  # noqa: E731
-            scale_of = lambda name: get(params, ("layers", i, name, "scale"), (d,))  # noqa: E731
-        q, kk = layer_of("q_proj", (d, h, hd)), layer_of("k_proj", (d, k, hd))
+        q, kk = layer(i, "q_proj", "kernel", (d, h, hd)), layer(i, "k_proj", "kernel", (d, k, hd))
         if not cfg.rope_interleaved:
             q, kk = _hf_to_interleaved(q), _hf_to_interleaved(kk)
         p = f"blk.{i}."
         out |= {
-            p + "attn_norm.weight": scale_of("attn_norm"),
+            p + "attn_norm.weight": layer(i, "attn_norm", "scale", (d,)),
             p + "attn_q.weight": q.reshape(d, h * hd).T,
             p + "attn_k.weight": kk.reshape(d, k * hd).T,
-            p + "attn_v.weight": layer_of("v_proj", (d, k, hd)).reshape(d, k * hd).T,
-            p + "attn_output.weight": layer_of("o_proj", (h, hd, d)).reshape(h * hd, d).T,
-            p + "ffn_norm.weight": scale_of("mlp_norm"),
-            p + "ffn_gate.weight": layer_of("gate_proj", (d, ff)).T,
-            p + "ffn_up.weight": layer_of("up_proj", (d, ff)).T,
-            p + "ffn_down.weight": layer_of("down_proj", (ff, d)).T,
+            p + "attn_v.weight": layer(i, "v_proj", "kernel", (d, k, hd)).reshape(d, k * hd).T,
+            p + "attn_output.weight": layer(i, "o_proj", "kernel", (h, hd, d)).reshape(h * hd, d).T,
+            p + "ffn_norm.weight": layer(i, "mlp_norm", "scale", (d,)),
+            p + "ffn_gate.weight": layer(i, "gate_proj", "kernel", (d, ff)).T,
+            p + "ffn_up.weight": layer(i, "up_proj", "kernel", (d, ff)).T,
+            p + "ffn_down.weight": layer(i, "down_proj", "kernel", (ff, d)).T,
         }
     out["output_norm.weight"] = get(params, ("final_norm", "scale"), (d,))
     if not cfg.tie_embeddings:
@@ -86,21 +85,21 @@ def _gguf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _add_tensor(writer: Any, name: str, array: np.ndarray, tensor_type: str) -> None:
+def _add_tensor(writer: Any, name: str, array: np.ndarray, tensor_type: str) -> bool:
+    """Adds ``name`` in ``tensor_type`` (F32 for vectors); returns whether Q8_0 had to fall back to F16."""
     import gguf
 
     array = np.ascontiguousarray(array, np.float32)
     if array.ndim == 1 or tensor_type == "F32":
         writer.add_tensor(name, array)
-        return
-    if tensor_type == "Q8_0" and array.shape[-1] % 32:
-        warnings.warn(f"GGUF: {name} rows have {array.shape[-1]} values, not a multiple of 32; written as F16, not Q8_0")
-        tensor_type = "F16"
-    if tensor_type == "F16":
+        return False
+    fallback = tensor_type == "Q8_0" and array.shape[-1] % 32 != 0
+    if fallback or tensor_type == "F16":
         writer.add_tensor(name, array.astype(np.float16))
     else:
         qtype = gguf.GGMLQuantizationType[tensor_type]
         writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    return fallback
 
 
 def _value_type(value: Any) -> Any:
@@ -158,6 +157,7 @@ def write_gguf(
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would otherwise become the final file's mode
     except OSError as e:
         raise GGUFError(f"{path}: cannot write into {directory} ({e.strerror or e})") from e
     w = None
@@ -177,14 +177,16 @@ def write_gguf(
         w.add_value_length(cfg.head_dim)
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_rope_freq_base(cfg.rope_base)
-        w.add_layer_norm_rms_eps(cfg.rms_eps)  # FLOAT32, as llama.cpp requires: 1e-5 reads back as 9.9999997e-6
+        w.add_layer_norm_rms_eps(cfg.rms_eps)  # FLOAT32 (llama.cpp checks): 1e-5 reads back as 9.9999997e-6
         w.add_vocab_size(cfg.vocab_size)
         if metadata_from is not None:
             _copy_tokenizer(w, metadata_from)
         else:
             w.add_tokenizer_model("none")
-        for tensor_name, array in _gguf_tensors(cfg, params).items():
-            _add_tensor(w, tensor_name, array, tensor_type)
+        fallbacks = [n for n, a in _gguf_tensors(cfg, params).items() if _add_tensor(w, n, a, tensor_type)]
+        if fallbacks:
+            names = ", ".join(fallbacks)
+            warnings.warn(f"{path}: rows of {names} are not a multiple of 32 values; written as F16, not Q8_0")
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
