@@ -92,6 +92,7 @@ def config_from_hf(config: dict, path: str = "config.json", **overrides: Any) ->
         head_dim=int(get("head_dim", 0) or 0), rope_base=float(get("rope_theta", rope.get("rope_theta", 10000.0))),
         rope_interleaved=False, rms_eps=float(get("rms_norm_eps", 1e-6)),  # HF LlamaConfig's defaults
         tie_embeddings=bool(get("tie_word_embeddings", False)), max_seq_len=int(get("max_position_embeddings", 2048)),
+        init_std=float(get("initializer_range", 0.02)),
     )
     values.update(overrides)
     return ModelConfig.from_mapping(values)
@@ -131,10 +132,11 @@ def read_hf_checkpoint(path: str, **config_overrides: Any) -> tuple[ModelConfig,
                     weight_map = json.load(fh)["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise SafetensorsError(f"{index_path}: not a safetensors index ({e!r})") from e
+            files = {}
             for shard in sorted(set(weight_map.values())):
                 if not os.path.isfile(os.path.join(path, shard)):
                     raise SafetensorsError(f"{index_path}: names shard {shard!r}, which is missing")
-            files = {s: _open(os.path.join(path, s), stack) for s in sorted(set(weight_map.values()))}
+                files[shard] = _open(os.path.join(path, shard), stack)
             where = {name: (os.path.join(path, s), files[s]) for name, s in weight_map.items()}
             missing_in = index_path
         elif os.path.isfile(single_path):
@@ -163,10 +165,10 @@ def read_hf_checkpoint(path: str, **config_overrides: Any) -> tuple[ModelConfig,
                 array = np.ascontiguousarray(array.T).reshape(in_shape + out_shape)
             if q_k_perm is not None and our_path[-2] in ("q_proj", "k_proj"):
                 array = np.ascontiguousarray(array[..., q_k_perm])
-            node = layers[our_path[1]] if our_path[0] == "layers" else params
-            for key in our_path[2:-1] if our_path[0] == "layers" else our_path[:-1]:
-                node = node.setdefault(key, {})
-            node[our_path[-1]] = array
+            if our_path[0] == "layers":
+                layers[our_path[1]].setdefault(our_path[2], {})[our_path[3]] = array
+            else:
+                params.setdefault(our_path[0], {})[our_path[1]] = array
     params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers) if cfg.scan_layers else dict(enumerate(layers))
     return cfg, params
 
@@ -190,15 +192,8 @@ def _write_json(path: str, value: Any) -> None:
         fh.write("\n")
 
 
-def write_hf_checkpoint(
-    path: str,
-    cfg: ModelConfig,
-    params: Any,
-    *,
-    dtype: str = "float32",
-    max_shard_bytes: int = 2 * 1024**3,
-    tokenizer: Any = None,
-) -> list[str]:
+def write_hf_checkpoint(path: str, cfg: ModelConfig, params: Any, *, dtype: str = "float32",
+                        max_shard_bytes: int = 2 * 1024**3, tokenizer: Any = None) -> list[str]:
     """Writes ``params`` (``nnx.State`` or pure dict, possibly sharded jax arrays) as an HF LLaMA checkpoint.
 
     Tensors are stored in ``dtype`` (float32, bfloat16 or float16) in HF layout (Linear weights ``[out, in]``,
@@ -211,25 +206,25 @@ def write_hf_checkpoint(
 
     if dtype not in EXPORT_DTYPES:
         raise SafetensorsError(f"{path}: export dtype {dtype!r} is not one of {tuple(EXPORT_DTYPES)}")
-    if os.path.isdir(path):
-        foreign = [n for n in os.listdir(path) if n not in _OWN_FILES and not n.startswith("model-")]
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        foreign = [n for n in os.listdir(target) if n not in _OWN_FILES and not n.startswith("model-")]
         if foreign:
             raise SafetensorsError(f"{path}: refusing to replace a directory that holds {foreign[0]!r}")
-    elif os.path.exists(path):
+    elif os.path.exists(target):
         raise SafetensorsError(f"{path} exists and is not a directory")
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     np_dtype = EXPORT_DTYPES[dtype]
     hf_perm = _rope_perm(cfg.head_dim, to_interleaved=False) if cfg.rope_interleaved else None
-    stacked = "q_proj" in pure["layers"]
+    stacked = "q_proj" in pure.get("layers", {})
 
     def tensor(our_path: tuple, in_shape: tuple, out_shape: tuple | None) -> np.ndarray:
         at = "/".join(map(str, our_path))
         try:
             if our_path[0] == "layers":
-                i, node = our_path[1], pure["layers"] if stacked else pure["layers"][our_path[1]]
-                for key in our_path[2:]:
-                    node = node[key]
-                leaf = node[i] if stacked else node  # index on device: only this layer crosses to the host
+                _, i, name, key = our_path
+                # Indexing a stacked jax array on device: only this layer's slice crosses to the host.
+                leaf = pure["layers"][name][key][i] if stacked else pure["layers"][i][name][key]
             else:
                 leaf = pure[our_path[0]][our_path[1]]
         except (KeyError, IndexError) as e:
@@ -246,7 +241,7 @@ def write_hf_checkpoint(
 
     # HF's sharding rule: fill shards in order, start a new one when the next tensor would overflow it.
     shards: list[list] = [[]]
-    sizes = [0]
+    sizes: list[int] = [0]
     for spec in _specs(cfg):
         nbytes = int(np.prod(_hf_shape(spec[2], spec[3]))) * np.dtype(np_dtype).itemsize
         if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
@@ -257,8 +252,8 @@ def write_hf_checkpoint(
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
+    parent, base = os.path.split(target)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise become the checkpoint's permissions
         config = hf_config(cfg, dtype)
@@ -266,6 +261,7 @@ def write_hf_checkpoint(
         for name, shard in zip(names, shards):
             tensors = {hf_name: tensor(our_path, in_shape, out_shape) for hf_name, our_path, in_shape, out_shape in shard}
             save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes 0o600 files
             written.append(name)
         if len(shards) > 1:
             weight_map = {spec[0]: name for name, shard in zip(names, shards) for spec in shard}
@@ -283,13 +279,17 @@ def write_hf_checkpoint(
                         {"tokenizer_class": "PreTrainedTokenizerFast", **special, **template})
             written += ["tokenizer.json", "tokenizer_config.json"]
         _write_json(os.path.join(tmp, "config.json"), config)
-        if os.path.isdir(path):  # swap whole directories so a reader never sees old and new files mixed
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "ckpt"))
-            os.replace(tmp, path)
+        if os.path.isdir(target):  # swap whole directories so a reader never sees old and new files mixed
+            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+            os.replace(target, os.path.join(old, base))
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(os.path.join(old, base), target)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
