@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads make llama.cpp ~100x slower here
 
@@ -25,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from llmopt_jax.data.text import default_text  # noqa: E402
-from llmopt_jax.io.gguf import resolve_model_path  # noqa: E402
+from llmopt_jax.io.gguf import config_from_gguf, params_from_gguf, read_gguf, resolve_model_path  # noqa: E402
+from llmopt_jax.io.gguf_write import write_gguf  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "llamacpp_smollm2.json")
 MODEL = "smollm2-135m"
@@ -100,6 +102,25 @@ def greedy(llm, prompt_ids: list[int], steps: int) -> list[int]:
     return out
 
 
+def logits_fixture(llm, prompt_ids: list[int]) -> dict:
+    """Logits of the first positions of a prompt: top ids/logits, a fixed random subset, and logsumexp."""
+    llm.reset()
+    llm.eval(prompt_ids)
+    scores = np.asarray(llm.scores[:LOGIT_POSITIONS], np.float64)
+    sampled = np.sort(np.random.default_rng(0).choice(scores.shape[1], LOGIT_SAMPLED_IDS, replace=False))
+    top = np.argsort(-scores, axis=-1)[:, :LOGIT_TOP_K]
+    m = scores.max(-1, keepdims=True)
+    return {
+        "prompt_ids": prompt_ids,
+        "positions": LOGIT_POSITIONS,
+        "top_ids": top.tolist(),
+        "top_logits": np.round(np.take_along_axis(scores, top, -1), 5).tolist(),
+        "sampled_ids": sampled.tolist(),
+        "sampled_logits": np.round(scores[:, sampled], 5).tolist(),
+        "logsumexp": np.round((m + np.log(np.exp(scores - m).sum(-1, keepdims=True)))[:, 0], 5).tolist(),
+    }
+
+
 def ids_digest(ids: list[int]) -> str:
     return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
 
@@ -141,26 +162,25 @@ def main() -> None:
         }
 
     prompt_ids = tokenize(chat_prompt(CHAT_PROMPTS[0]))
-    llm.reset()
-    llm.eval(prompt_ids)
-    scores = np.asarray(llm.scores[:LOGIT_POSITIONS], np.float64)
-    sampled = np.sort(np.random.default_rng(0).choice(scores.shape[1], LOGIT_SAMPLED_IDS, replace=False))
-    top = np.argsort(-scores, axis=-1)[:, :LOGIT_TOP_K]
-    m = scores.max(-1, keepdims=True)
-    fixture["logits"] = {
-        "prompt_ids": prompt_ids,
-        "positions": LOGIT_POSITIONS,
-        "top_ids": top.tolist(),
-        "top_logits": np.round(np.take_along_axis(scores, top, -1), 5).tolist(),
-        "sampled_ids": sampled.tolist(),
-        "sampled_logits": np.round(scores[:, sampled], 5).tolist(),
-        "logsumexp": np.round((m + np.log(np.exp(scores - m).sum(-1, keepdims=True)))[:, 0], 5).tolist(),
-    }
+    prompts = [tokenize(chat_prompt(q)) for q in CHAT_PROMPTS] + [tokenize(t) for t in TEXT_PROMPTS]
+    fixture["logits"] = logits_fixture(llm, prompt_ids)
+    fixture["greedy"] = [{"prompt_ids": ids, "continuation": greedy(llm, ids, GREEDY_TOKENS)} for ids in prompts]
 
-    fixture["greedy"] = []
-    for prompt in [chat_prompt(q) for q in CHAT_PROMPTS] + TEXT_PROMPTS:
-        ids = tokenize(prompt)
-        fixture["greedy"].append({"prompt": prompt, "prompt_ids": ids, "continuation": greedy(llm, ids, GREEDY_TOKENS)})
+    # The same weights dequantized and written by us as an F32 GGUF, with an F32 KV cache: llama.cpp then
+    # runs plain float32 matmuls (no 8-bit activation rounding), the like-for-like check of our float32 model.
+    with tempfile.TemporaryDirectory() as tmp:
+        f32_path = os.path.join(tmp, "smollm2-f32.gguf")
+        source = read_gguf(path)
+        cfg = config_from_gguf(source)
+        write_gguf(f32_path, cfg, params_from_gguf(source, cfg), tensor_type="F32", metadata_from=source)
+        f32 = llama_cpp.Llama(
+            model_path=f32_path, n_ctx=args.seq_len, n_batch=args.seq_len, logits_all=True, n_threads=args.threads,
+            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False, verbose=False,
+        )
+        fixture["f32"] = {
+            "logits": logits_fixture(f32, prompt_ids),
+            "greedy": [{"prompt_ids": ids, "continuation": greedy(f32, ids, GREEDY_TOKENS)} for ids in prompts],
+        }
 
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:
@@ -168,8 +188,9 @@ def main() -> None:
     print(f"wrote {os.path.relpath(OUT)} ({os.path.getsize(OUT) / 1024:.0f} KiB)")
     for name, p in fixture["perplexity"].items():
         print(f"llama.cpp perplexity {name}: {p['perplexity']:.4f}")
-    for g in fixture["greedy"]:
-        print(repr(llm.detokenize(g["continuation"]).decode("utf-8", "replace")))
+    for key, runs in (("Q4_1", fixture["greedy"]), ("F32", fixture["f32"]["greedy"])):
+        for g in runs:
+            print(key, repr(llm.detokenize(g["continuation"]).decode("utf-8", "replace")))
 
 
 if __name__ == "__main__":
