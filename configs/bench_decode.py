@@ -1,0 +1,28 @@
+"""Decode/prefill benchmark presets: ``--config=configs/bench_decode.py:PRESET`` with PRESET in smollm2, smoke."""
+
+from ml_collections import ConfigDict
+
+from llmopt_jax.errors import ConfigError
+
+PRESETS = {
+    "smollm2": dict(dtypes="float32,bfloat16", batches="1,8", prompt_len=128, new_tokens=64, repeats=3),
+    "smoke": dict(dtypes="float32", batches="1", prompt_len=32, new_tokens=8, repeats=1),
+}
+
+
+def get_config(preset: str = "smollm2") -> ConfigDict:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown bench_decode preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    c = ConfigDict()
+    c.preset = preset
+    c.model = "smollm2-135m"
+    c.dtypes = p["dtypes"]  # comma-separated: float32, bfloat16
+    c.batches = p["batches"]  # comma-separated batch sizes
+    c.prompt_len = p["prompt_len"]  # prompt tokens per sequence (prefill)
+    c.new_tokens = p["new_tokens"]  # tokens generated per sequence (decode)
+    c.repeats = p["repeats"]  # timed runs per row; the median is reported
+    c.llama_cpp = True  # also time llama.cpp on F32/F16 GGUFs of the same weights when llama-cpp-python is installed
+    c.llama_cpp_types = "F32,F16"
+    c.threads = 0  # llama.cpp threads; 0 = os.cpu_count()
+    return c
