@@ -22,6 +22,9 @@ def main(config, workdir):
     workdir = cli.prepare_workdir(config, workdir)
     if config.num_samples < 1:
         raise ConfigError(f"num_samples must be positive, got {config.num_samples}")
+    sampling = SamplingConfig(
+        greedy=config.greedy, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p
+    )
     model = load_pretrained(config.model, dtype=config.dtype, param_dtype=config.dtype)
     tok = model.tokenizer
     if tok is None:
@@ -38,9 +41,6 @@ def main(config, workdir):
     prompt = tok.encode(prompt_text)
     if tok.add_bos:
         prompt = [tok.bos_id] + prompt
-    sampling = SamplingConfig(
-        greedy=config.greedy, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p
-    )
 
     streamed: list[int] = []
 

@@ -26,12 +26,12 @@ def main(config, workdir):
     workdir = cli.prepare_workdir(config, workdir)
     rules = normalize_rules(config.sharding_rules)
     mesh = create_mesh(config.mesh)
+    text = load_texts(config.eval.text_file or None)  # a missing file fails before the model loads
     t0 = time.perf_counter()
     model = load_pretrained(config.model, mesh=mesh, rules=rules, dtype=config.dtype, param_dtype=config.dtype)
     load_seconds = time.perf_counter() - t0
     if model.tokenizer is None:
         raise ConfigError(f"{model.path}: no tokenizer found next to the model (tokenizer.json)")
-    text = load_texts(config.eval.text_file or None)
     tokens = np.asarray(model.tokenizer.encode(text), np.int32)
     result = evaluate_perplexity(
         model.graphdef, model.params, tokens, config.eval.seq_len, config.eval.batch_size,

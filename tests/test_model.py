@@ -220,3 +220,13 @@ def test_config_errors(kwargs, match):
 def test_unknown_model_key_is_named():
     with pytest.raises(ConfigError, match="hidden_size"):
         ModelConfig.from_mapping({**dataclasses.asdict(BASE), "hidden_size": 3})
+
+
+def test_logit_index_computes_only_the_requested_positions():
+    model = build()
+    t = tokens()
+    full, _ = model(t)
+    index = jnp.array([3, 11])
+    picked, _ = model(t, logit_index=index)
+    assert picked.shape == (2, 1, BASE.vocab_size)
+    np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), index], rtol=1e-6, atol=1e-6)

@@ -70,8 +70,8 @@ def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
 
 def _prefill(graphdef, params, tokens, lengths, cache, key, sampling: SamplingConfig):
     """Runs right-padded prompts ``[B, Lb]`` through the model; returns (first new tokens ``[B]``, cache)."""
-    logits, cache = nnx.merge(graphdef, params)(tokens, cache=cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits, cache = nnx.merge(graphdef, params)(tokens, cache=cache, logit_index=lengths - 1)
+    last = logits[:, 0]
     # The padded tail was written to the cache but lies beyond each sequence's length: decode overwrites it.
     cache = dataclasses.replace(cache, lengths=lengths)
     return sample_logits(last, key, sampling), cache

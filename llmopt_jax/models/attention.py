@@ -26,7 +26,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     scores = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
     return out.reshape(b, l, h, d)
 
 

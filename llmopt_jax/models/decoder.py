@@ -136,12 +136,18 @@ class Decoder(nnx.Module):
             )
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        logit_index: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """``tokens`` int ``[B, L]`` -> (logits float32 ``[B, L, vocab]``, updated cache or None).
 
         Without a cache, ``positions`` default to ``0..L-1``. With a cache, the tokens continue each sequence
-        at ``cache.lengths`` and the returned cache has ``lengths + L``.
+        at ``cache.lengths`` and the returned cache has ``lengths + L``. ``logit_index`` int ``[B]`` computes
+        logits only at that position of each sequence (``[B, 1, vocab]``): a prefill needs just the last
+        prompt position, and the vocabulary projection is the largest matmul of a short sequence.
         """
         b, l = tokens.shape
         if cache is not None:
@@ -150,6 +156,8 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
         x = self.constrain(self.embed(tokens), ACT_HIDDEN)
         x, new_kv = self._run_layers(x, positions, cache)
+        if logit_index is not None:
+            x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
         logits = self.constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
