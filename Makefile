@@ -25,6 +25,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m experiments.train --config=configs/train.py:smoke --workdir=$(WORKDIR)/train_smoke
 	$(PY) -m experiments.aot_memory --config=configs/train.py:llama2_7b --workdir=$(WORKDIR)/aot_llama2_7b
+	$(PY) -m experiments.perplexity --config=configs/perplexity.py:smollm2 --workdir=$(WORKDIR)/perplexity_smollm2
+	$(PY) -m experiments.generate --config=configs/generate.py:smollm2 --workdir=$(WORKDIR)/generate_smollm2 \
+	  --config.prompt="Explain in two sentences what a Python list is."
 
 clean:
 	rm -rf $(VENV) runs

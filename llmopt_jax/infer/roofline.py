@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.timing import best_seconds
 
 
 def measure_memory_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -18,13 +17,7 @@ def measure_memory_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> floa
     """
     x = jax.device_put(jnp.ones((num_bytes // 4,), jnp.float32), jax.devices()[0])
     total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return num_bytes / best
+    return num_bytes / best_seconds(lambda: total(x), repeats)
 
 
 def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: int, weight_bytes: int, cache_itemsize: int) -> int:

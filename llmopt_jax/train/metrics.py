@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
+
+from llmopt_jax.timing import best_seconds
 
 
 class MetricsLog:
@@ -49,13 +50,7 @@ def measure_peak_flops(dtype=jnp.float32, size: int | None = None, repeats: int 
         size = 1024 if device.platform == "cpu" else 8192
     a = jax.device_put(jnp.ones((size, size), dtype), device)
     matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best
+    return 2.0 * size**3 / best_seconds(lambda: matmul(a), repeats)
 
 
 def total_peak_flops(per_device: float) -> float:
