@@ -128,3 +128,14 @@ def test_generation_errors(model):
         gen.generate([[]], 4)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         gen.generate(prompts([4]), 0)
+
+
+def test_half_precision_single_prompt_on_cpu_is_padded_to_two_rows():
+    cfg = ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
+    graphdef, params = init_model(cfg, seed=5)
+    gen = Generator(graphdef, params)
+    assert gen.min_batch == (2 if jax.default_backend() == "cpu" else 1)
+    single = gen.generate(prompts([5]), 6, stop_ids=[])
+    pair = gen.generate(prompts([5]) * 2, 6)
+    assert len(single.tokens) == 1 and single.tokens[0] == pair.tokens[0]
+    assert single.prompt_lengths == [5] and len(single.stopped) == 1

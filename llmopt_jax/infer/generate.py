@@ -117,6 +117,10 @@ class Generator:
         self.params = params
         self.cfg = nnx.merge(graphdef, params).cfg
         self.cache_dtype = cache_dtype or self.cfg.compute_dtype
+        # XLA:CPU runs a bf16/f16 matrix-vector product ~15x slower than a two-row matrix product (measured:
+        # 31.6 ms vs 1.8 ms for a 576x46080 bf16 weight), so a single sequence is decoded with a dummy twin.
+        half = jnp.dtype(self.cfg.compute_dtype).itemsize == 2
+        self.min_batch = 2 if half and jax.default_backend() == "cpu" else 1
         self._compiled: dict[tuple, Callable] = {}
         self.compile_seconds = 0.0
 
@@ -165,6 +169,8 @@ class Generator:
             raise ConfigError("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        real = len(prompts)
+        prompts = list(prompts) + [prompts[0]] * max(0, self.min_batch - real)
         lengths = [len(p) for p in prompts]
         bucket = bucket_length(max(lengths))
         max_len = bucket + max_new_tokens
@@ -194,6 +200,7 @@ class Generator:
         done = np.zeros(batch, bool)
         steps = 0
         t0 = time.perf_counter()
+        done[real:] = True  # padding rows never count
         for step in range(1, max_new_tokens + 1):
             for i in np.flatnonzero(~done):
                 if nxt_host[i] in stops:
@@ -201,7 +208,7 @@ class Generator:
                 else:
                     out[i].append(int(nxt_host[i]))
             if on_token is not None:
-                on_token(nxt_host)
+                on_token(nxt_host[:real])
             if done.all() or step == max_new_tokens:
                 break
             nxt, cache = decode(self.params, nxt, cache, jax.random.fold_in(base_key, step))
@@ -209,6 +216,6 @@ class Generator:
             steps += 1
         seconds_decode = time.perf_counter() - t0
         return Generation(
-            tokens=out, prompt_lengths=lengths, stopped=done.tolist(), seconds_prefill=seconds_prefill,
+            tokens=out[:real], prompt_lengths=lengths[:real], stopped=done[:real].tolist(), seconds_prefill=seconds_prefill,
             seconds_decode=seconds_decode, decode_steps=steps, seconds_compile=self.compile_seconds - compile_before,
         )
