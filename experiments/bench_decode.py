@@ -106,7 +106,7 @@ def main(config, workdir):
     rows = []
     prompt = None
     for dtype in dtypes:
-        model = load_pretrained(config.model, dtype=dtype, param_dtype=dtype)
+        model = load_pretrained(config.model, dtype=dtype, param_dtype=dtype, scan_layers=config.scan_layers)
         if prompt is None:
             prompt = model.tokenizer.encode(default_text())[: config.prompt_len]
         weight_bytes = tree_bytes(model.params)

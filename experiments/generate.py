@@ -25,7 +25,9 @@ def main(config, workdir):
     sampling = SamplingConfig(
         greedy=config.greedy, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p
     )
-    model = load_pretrained(config.model, dtype=config.dtype, param_dtype=config.dtype)
+    model = load_pretrained(
+        config.model, dtype=config.dtype, param_dtype=config.dtype, scan_layers=config.scan_layers
+    )
     tok = model.tokenizer
     if tok is None:
         raise ConfigError(f"{model.path}: no tokenizer found next to the model (tokenizer.json)")
