@@ -1,0 +1,60 @@
+"""Input statistics of a linear layer, accumulated over calibration tokens.
+
+For inputs ``X`` ``[n, d_in]`` the layer-wise reconstruction problem ``min ‖WX − ŴX‖²`` has Hessian
+``H = 2 XᵀX / n`` (SparseGPT/GPTQ); Wanda needs the column norms ``‖X_j‖₂``. Both come from one pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class InputStats:
+    """Running sums over calibration tokens: ``xtx`` float32 ``[d, d]``, ``sq_norms`` float32 ``[d]``, ``count``."""
+
+    xtx: jax.Array
+    sq_norms: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def zeros(cls, dim: int) -> "InputStats":
+        return cls(jnp.zeros((dim, dim), jnp.float32), jnp.zeros((dim,), jnp.float32), jnp.zeros((), jnp.int32))
+
+    def update(self, x: jax.Array) -> "InputStats":
+        """Adds inputs ``x`` ``[..., d]`` (any leading shape; each row is one token)."""
+        x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        xtx = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+        return InputStats(self.xtx + xtx, self.sq_norms + jnp.sum(x * x, axis=0), self.count + x.shape[0])
+
+    @property
+    def hessian(self) -> jax.Array:
+        """``2 XᵀX / n`` float32 ``[d, d]``."""
+        return 2.0 * self.xtx / jnp.maximum(self.count, 1).astype(jnp.float32)
+
+    @property
+    def column_norms(self) -> jax.Array:
+        """``‖X_j‖₂`` over all tokens, float32 ``[d]`` (Wanda's activation scale)."""
+        return jnp.sqrt(self.sq_norms)
+
+
+def damped_inverse_cholesky(hessian: jax.Array, damp_fraction: float) -> tuple[jax.Array, jax.Array]:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (so ``UᵀU = (H + λI)⁻¹``) and the dead-input mask.
+
+    ``λ = damp_fraction · mean(diag H)``. Inputs that were always zero (``H_jj = 0``) get ``H_jj = 1`` so the
+    factorisation exists; their weights are zeroed by the solvers (they never influence the output).
+    """
+    diag = jnp.diag(hessian)
+    dead = diag == 0
+    h = hessian.at[jnp.diag_indices_from(hessian)].set(jnp.where(dead, 1.0, diag))
+    damp = damp_fraction * jnp.mean(jnp.diag(h))
+    h = h + damp * jnp.eye(h.shape[0], dtype=h.dtype)
+    # (H)^-1 via its Cholesky factor, then the Cholesky factor of the inverse (upper triangular).
+    lower = jnp.linalg.cholesky(h)
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    lower_inv = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
+    h_inv = jnp.matmul(lower_inv.T, lower_inv, precision=jax.lax.Precision.HIGHEST)
+    upper = jnp.linalg.cholesky(h_inv).T
+    return upper, dead

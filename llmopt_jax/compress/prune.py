@@ -1,0 +1,183 @@
+"""One-shot pruning of weight matrices: magnitude, Wanda and SparseGPT, unstructured or N:M.
+
+Matrices are in the papers' layout ``W`` float32 ``[rows = outputs, cols = inputs]``; every function returns a
+new matrix and a boolean keep-mask of the same shape (the input is never modified). The model-level transform
+(``compress/calibrate.py``) maps our ``[in, out]`` kernels to this layout.
+
+- magnitude: drop the smallest ``|W|`` of the whole matrix (or of each group of M inputs for N:M).
+- Wanda (Sun et al., 2023): drop the smallest ``|W_ij|·‖X_j‖₂`` within each output row (or each N:M group).
+- SparseGPT (Frantar & Alistarh, 2023): go through the columns left to right in blocks; choose the mask of a
+  block from ``w²/[H⁻¹]_jj²`` (its OBS saliency), zero the pruned weights and spread each column's error over
+  the not-yet-visited columns with the Cholesky factor of the damped inverse Hessian (lazy batched updates
+  between blocks). An optional quantizer rounds the kept weights in the same pass (joint sparse + quantized).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from llmopt_jax.compress.hessian import damped_inverse_cholesky
+from llmopt_jax.errors import ConfigError
+
+HIGHEST = jax.lax.Precision.HIGHEST
+# A quantizer for SparseGPT's joint mode: (column values [rows], column index) -> rounded column.
+ColumnQuantizer = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityPattern:
+    """Unstructured sparsity (``n = m = 0``) or N:M: keep ``n`` of every ``m`` consecutive inputs of a row."""
+
+    sparsity: float
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%} unstructured"
+
+
+def parse_pattern(sparsity: float, pattern: str = "") -> SparsityPattern:
+    """``pattern`` ``""``/``"unstructured"`` uses ``sparsity`` in [0, 1); ``"N:M"`` (0 < N < M) implies ``1 - N/M``."""
+    if pattern in ("", "unstructured"):
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+        return SparsityPattern(float(sparsity))
+    match = re.fullmatch(r"(\d+):(\d+)", pattern.strip())
+    if not match:
+        raise ConfigError(f"pattern must be 'N:M' (e.g. '2:4') or 'unstructured', got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ConfigError(f"pattern {pattern!r}: need 0 < N < M (keep N weights of every M)")
+    return SparsityPattern(1.0 - n / m, n, m)
+
+
+def _check_nm(cols: int, pattern: SparsityPattern) -> None:
+    if pattern.is_nm and cols % pattern.m:
+        raise ConfigError(f"pattern {pattern}: {cols} input columns are not divisible by M={pattern.m}")
+
+
+def _drop_smallest(metric: jax.Array, k) -> jax.Array:
+    """Keep-mask of the same shape as ``metric`` that drops exactly its ``k`` smallest entries (ties by position)."""
+    flat = metric.reshape(-1)
+    ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
+    return (ranks >= k).reshape(metric.shape)
+
+
+def _nm_keep(metric: jax.Array, n: int, m: int) -> jax.Array:
+    """Keep-mask with the ``n`` largest entries of every ``m`` consecutive ones along the last axis."""
+    groups = metric.reshape(*metric.shape[:-1], metric.shape[-1] // m, m)
+    _, idx = jax.lax.top_k(groups, n)
+    keep = jnp.sum(jax.nn.one_hot(idx, m, dtype=jnp.int32), axis=-2) > 0
+    return keep.reshape(metric.shape)
+
+
+def mask_from_metric(metric: jax.Array, pattern: SparsityPattern, per_row: bool) -> jax.Array:
+    """Keep-mask from an importance ``metric`` ``[rows, cols]`` (larger = more important)."""
+    _check_nm(metric.shape[1], pattern)
+    if pattern.is_nm:
+        return _nm_keep(metric, pattern.n, pattern.m)
+    if per_row:
+        k = int(math.floor(pattern.sparsity * metric.shape[1]))
+        return jax.vmap(lambda row: _drop_smallest(row, k))(metric)
+    return _drop_smallest(metric, int(math.floor(pattern.sparsity * metric.size)))
+
+
+@functools.partial(jax.jit, static_argnames=("pattern",))
+def magnitude_prune(w: jax.Array, pattern: SparsityPattern) -> tuple[jax.Array, jax.Array]:
+    """Zeroes the smallest-magnitude weights of ``w`` ``[rows, cols]``; returns ``(pruned, keep_mask)``."""
+    keep = mask_from_metric(jnp.abs(w), pattern, per_row=False)
+    return jnp.where(keep, w, 0).astype(w.dtype), keep
+
+
+@functools.partial(jax.jit, static_argnames=("pattern",))
+def wanda_prune(w: jax.Array, column_norms: jax.Array, pattern: SparsityPattern) -> tuple[jax.Array, jax.Array]:
+    """Wanda: drops the smallest ``|W_ij|·‖X_j‖`` per output row (``column_norms`` ``[cols]``)."""
+    keep = mask_from_metric(jnp.abs(w) * column_norms[None, :], pattern, per_row=True)
+    return jnp.where(keep, w, 0).astype(w.dtype), keep
+
+
+@functools.partial(jax.jit, static_argnames=("pattern", "blocksize", "damp_fraction", "quantize"))
+def sparsegpt_prune(
+    w: jax.Array,
+    hessian: jax.Array,
+    pattern: SparsityPattern,
+    blocksize: int = 128,
+    damp_fraction: float = 0.01,
+    quantize: ColumnQuantizer | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """SparseGPT on ``w`` ``[rows, cols]`` with the input Hessian ``hessian`` ``[cols, cols]`` (``2XᵀX/n``).
+
+    Returns ``(pruned and updated weights, keep_mask)``. ``cols`` need not divide by ``blocksize``: the last
+    block is padded with inert columns (zero weight, identity Hessian) that are never counted or kept.
+    """
+    rows, cols = w.shape
+    _check_nm(cols, pattern)
+    bs = min(blocksize, cols)
+    if pattern.is_nm and bs % pattern.m:
+        raise ConfigError(f"blocksize {bs} must be a multiple of M={pattern.m}")
+    padded = -(-cols // bs) * bs
+    upper, dead = damped_inverse_cholesky(hessian.astype(jnp.float32), damp_fraction)
+    w = jnp.where(dead[None, :], 0.0, w.astype(jnp.float32))
+    if padded != cols:
+        extra = padded - cols
+        w = jnp.pad(w, ((0, 0), (0, extra)))
+        upper = jnp.pad(upper, ((0, extra), (0, extra))).at[cols:, cols:].set(jnp.eye(extra, dtype=upper.dtype))
+    valid_cols = jnp.arange(padded) < cols
+
+    def block(b, carry):
+        w, keep = carry
+        i1 = b * bs
+        w1 = jax.lax.dynamic_slice(w, (0, i1), (rows, bs))
+        u1 = jax.lax.dynamic_slice(upper, (i1, i1), (bs, bs))
+        d = jnp.diag(u1)
+        valid = jax.lax.dynamic_slice(valid_cols, (i1,), (bs,))
+        if pattern.is_nm:
+            keep1 = jnp.ones((rows, bs), bool)  # chosen group by group as the columns are reached
+        else:
+            saliency = jnp.where(valid[None, :], w1**2 / d[None, :] ** 2, jnp.inf)
+            k = jnp.floor(pattern.sparsity * rows * jnp.sum(valid)).astype(jnp.int32)
+            keep1 = _drop_smallest(saliency, k)
+
+        def column(i, state):
+            w1, q1, err1, keep1 = state
+            if pattern.is_nm:
+                start = i - i % pattern.m
+                group = jax.lax.dynamic_slice(w1, (0, start), (rows, pattern.m)) ** 2
+                group = group / jax.lax.dynamic_slice(d, (start,), (pattern.m,))[None, :] ** 2
+                new = _nm_keep(group, pattern.n, pattern.m)
+                old = jax.lax.dynamic_slice(keep1, (0, start), (rows, pattern.m))
+                keep1 = jax.lax.dynamic_update_slice(keep1, jnp.where(i % pattern.m == 0, new, old), (0, start))
+            col = jax.lax.dynamic_slice(w1, (0, i), (rows, 1))[:, 0]
+            kept = jax.lax.dynamic_slice(keep1, (0, i), (rows, 1))[:, 0]
+            q = jnp.where(kept, col, 0.0)
+            if quantize is not None:
+                q = jnp.where(kept, quantize(q, i1 + i), 0.0)
+            err = (col - q) / d[i]
+            # Row i of the upper factor is zero left of i: this updates columns i.. of the block only.
+            w1 = w1 - err[:, None] * jax.lax.dynamic_slice(u1, (i, 0), (1, bs))
+            q1 = jax.lax.dynamic_update_slice(q1, q[:, None], (0, i))
+            err1 = jax.lax.dynamic_update_slice(err1, err[:, None], (0, i))
+            return w1, q1, err1, keep1
+
+        zeros = jnp.zeros((rows, bs), jnp.float32)
+        _, q1, err1, keep1 = jax.lax.fori_loop(0, bs, column, (w1, zeros, zeros, keep1))
+        # Lazy batched update of every later column; earlier columns see zeros of the upper factor.
+        w = w - jnp.matmul(err1, jax.lax.dynamic_slice(upper, (i1, 0), (bs, padded)), precision=HIGHEST)
+        w = jax.lax.dynamic_update_slice(w, q1, (0, i1))
+        keep = jax.lax.dynamic_update_slice(keep, keep1, (0, i1))
+        return w, keep
+
+    w, keep = jax.lax.fori_loop(0, padded // bs, block, (w, jnp.ones((rows, padded), bool)))
+    keep = keep[:, :cols] & ~dead[None, :]
+    return w[:, :cols], keep

@@ -1,0 +1,161 @@
+"""Pruning solvers against NumPy re-derivations; reconstruction error ordering; patterns; purity; errors."""
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from llmopt_jax.compress.hessian import InputStats, damped_inverse_cholesky
+from llmopt_jax.compress.prune import (
+    magnitude_prune, parse_pattern, sparsegpt_prune, wanda_prune,
+)
+from llmopt_jax.errors import ConfigError
+
+
+def correlated_inputs(n, d, seed=0):
+    """Tokens ``[n, d]`` whose features are strongly correlated (a low-rank mix plus noise, uneven scales)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d // 4, d))
+    x = rng.normal(size=(n, d // 4)) @ mix + 0.1 * rng.normal(size=(n, d))
+    return (x * rng.uniform(0.2, 3.0, size=d)).astype(np.float32)
+
+
+def problem(rows=24, cols=40, n=512, seed=0):
+    x = correlated_inputs(n, cols, seed)
+    w = np.random.default_rng(seed + 1).normal(size=(rows, cols)).astype(np.float32)
+    stats = InputStats.zeros(cols).update(jnp.asarray(x))
+    return w, x, stats
+
+
+def numpy_obs(w, hessian, keep, damp=0.01):
+    """Optimal Brain Surgeon, column by column with an explicit inverse Hessian (float64, no Cholesky).
+
+    Column j is frozen at its masked value; the error is spread over columns > j with row j of the current
+    inverse, and j is then eliminated from the inverse (Gaussian elimination)."""
+    w = w.astype(np.float64).copy()
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * np.mean(np.diag(h)) * np.eye(len(h))
+    hinv = np.linalg.inv(h)
+    for j in range(w.shape[1]):
+        q = np.where(keep[:, j], w[:, j], 0.0)
+        err = (w[:, j] - q) / hinv[j, j]
+        w[:, j:] -= np.outer(err, hinv[j, j:])
+        w[:, j] = q
+        hinv -= np.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    return w
+
+
+def test_hessian_and_inverse_cholesky():
+    w, x, stats = problem()
+    np.testing.assert_allclose(stats.hessian, 2 * x.T.astype(np.float64) @ x / len(x), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(stats.column_norms, np.linalg.norm(x, axis=0), rtol=1e-5)
+    upper, dead = damped_inverse_cholesky(stats.hessian, 0.01)
+    h = np.asarray(stats.hessian, np.float64)
+    h += 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+    np.testing.assert_allclose(np.asarray(upper).T @ np.asarray(upper), np.linalg.inv(h), rtol=1e-3, atol=1e-5)
+    assert np.allclose(np.tril(upper, -1), 0) and not dead.any()
+
+
+@pytest.mark.parametrize("pattern, blocksize", [("", 16), ("", 128), ("2:4", 8), ("4:8", 16)])
+def test_sparsegpt_equals_numpy_obs_with_the_same_mask(pattern, blocksize):
+    w, x, stats = problem(cols=40)  # 40 columns: a ragged last block for blocksize 16
+    pat = parse_pattern(0.5, pattern)
+    pruned, keep = sparsegpt_prune(jnp.asarray(w), stats.hessian, pat, blocksize=blocksize)
+    expected = numpy_obs(w, np.asarray(stats.hessian), np.asarray(keep))
+    np.testing.assert_allclose(pruned, expected, rtol=2e-3, atol=2e-4)
+    assert (np.asarray(pruned)[~np.asarray(keep)] == 0).all()
+
+
+def test_dead_inputs_are_zeroed():
+    w, x, _ = problem()
+    x[:, 3] = 0
+    stats = InputStats.zeros(x.shape[1]).update(jnp.asarray(x))
+    pruned, keep = sparsegpt_prune(jnp.asarray(w), stats.hessian, parse_pattern(0.3))
+    assert (np.asarray(pruned)[:, 3] == 0).all() and not np.asarray(keep)[:, 3].any()
+
+
+@pytest.mark.parametrize("pattern", ["", "2:4", "4:8"])
+def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude(pattern):
+    w, x, stats = problem(rows=64, cols=128, n=2048)
+    pat = parse_pattern(0.5, pattern)
+    errors = {}
+    for name, (pruned, _) in {
+        "magnitude": magnitude_prune(jnp.asarray(w), pat),
+        "wanda": wanda_prune(jnp.asarray(w), stats.column_norms, pat),
+        "sparsegpt": sparsegpt_prune(jnp.asarray(w), stats.hessian, pat, blocksize=32),
+    }.items():
+        errors[name] = float(np.linalg.norm(x @ w.T - x @ np.asarray(pruned).T))
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.8])
+def test_unstructured_sparsity_is_exact(sparsity):
+    w, x, stats = problem(rows=32, cols=200)
+    pat = parse_pattern(sparsity)
+    for pruned, keep in (
+        magnitude_prune(jnp.asarray(w), pat),
+        wanda_prune(jnp.asarray(w), stats.column_norms, pat),
+        sparsegpt_prune(jnp.asarray(w), stats.hessian, pat, blocksize=64),
+    ):
+        zeros = 1 - np.asarray(keep).mean()
+        assert abs(zeros - sparsity) < 1e-3 + 1 / w.size * 4  # floor() per block: at most a few weights off
+        assert ((np.asarray(pruned) == 0) | np.asarray(keep)).all()
+    # Wanda prunes the same count in every row.
+    _, keep = wanda_prune(jnp.asarray(w), stats.column_norms, pat)
+    assert len(set(np.asarray(keep).sum(1).tolist())) == 1
+
+
+@pytest.mark.parametrize("pattern, n, m", [("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4)])
+def test_every_nm_group_is_exact(pattern, n, m):
+    w, x, stats = problem(rows=16, cols=64)
+    pat = parse_pattern(0.0, pattern)
+    for pruned, keep in (
+        magnitude_prune(jnp.asarray(w), pat),
+        wanda_prune(jnp.asarray(w), stats.column_norms, pat),
+        sparsegpt_prune(jnp.asarray(w), stats.hessian, pat, blocksize=32),
+    ):
+        groups = np.asarray(keep).reshape(16, 64 // m, m).sum(-1)
+        assert (groups == n).all()
+        nonzero = (np.asarray(pruned) != 0).reshape(16, 64 // m, m).sum(-1)
+        assert (nonzero <= n).all()
+
+
+def test_inputs_are_not_mutated_and_results_are_deterministic():
+    w, x, stats = problem()
+    w_copy, h_copy = w.copy(), np.asarray(stats.hessian).copy()
+    pat = parse_pattern(0.5)
+    a = sparsegpt_prune(jnp.asarray(w), stats.hessian, pat)
+    b = sparsegpt_prune(jnp.asarray(w), stats.hessian, pat)
+    np.testing.assert_array_equal(w, w_copy)
+    np.testing.assert_array_equal(np.asarray(stats.hessian), h_copy)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_joint_quantizer_rounds_kept_weights_only():
+    w, x, stats = problem()
+    step = 0.25
+    pruned, keep = sparsegpt_prune(jnp.asarray(w), stats.hessian, parse_pattern(0.5),
+                                   quantize=lambda col, i: jnp.round(col / step) * step)
+    values = np.asarray(pruned)[np.asarray(keep)]
+    np.testing.assert_allclose(values, np.round(values / step) * step, atol=1e-6)
+    assert (np.asarray(pruned)[~np.asarray(keep)] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "sparsity, pattern, match",
+    [(1.0, "", "sparsity must be in"), (-0.1, "", "sparsity must be in"), (0.5, "3:2", "0 < N < M"),
+     (0.5, "4:4", "0 < N < M"), (0.5, "2-4", "pattern must be")],
+)
+def test_bad_patterns(sparsity, pattern, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_pattern(sparsity, pattern)
+
+
+def test_nm_needs_divisible_columns():
+    w, x, stats = problem(cols=42)
+    with pytest.raises(ConfigError, match="not divisible by M=4"):
+        magnitude_prune(jnp.asarray(w), parse_pattern(0, "2:4"))
