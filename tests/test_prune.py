@@ -159,3 +159,16 @@ def test_nm_needs_divisible_columns():
     w, x, stats = problem(cols=42)
     with pytest.raises(ConfigError, match="not divisible by M=4"):
         magnitude_prune(jnp.asarray(w), parse_pattern(0, "2:4"))
+
+
+def test_drop_smallest_is_exact_with_ties():
+    from llmopt_jax.compress.prune import _drop_smallest
+
+    rng = np.random.default_rng(4)
+    metric = rng.integers(0, 5, size=(13, 17)).astype(np.float32)  # heavy ties, zeros included
+    metric[0, :3] = np.inf
+    for k in (0, 1, 50, 100, 13 * 17 - 1, 13 * 17):
+        keep = np.asarray(_drop_smallest(jnp.asarray(metric), k))
+        assert (~keep).sum() == k
+        if 0 < k < metric.size:
+            assert metric[~keep].max() <= metric[keep].min()

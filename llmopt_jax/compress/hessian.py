@@ -51,10 +51,9 @@ def damped_inverse_cholesky(hessian: jax.Array, damp_fraction: float) -> tuple[j
     h = hessian.at[jnp.diag_indices_from(hessian)].set(jnp.where(dead, 1.0, diag))
     damp = damp_fraction * jnp.mean(jnp.diag(h))
     h = h + damp * jnp.eye(h.shape[0], dtype=h.dtype)
-    # (H)^-1 via its Cholesky factor, then the Cholesky factor of the inverse (upper triangular).
-    lower = jnp.linalg.cholesky(h)
+    # With J the reversal permutation and J H J = L Lᵀ, U = J L⁻¹ J is upper triangular and UᵀU = H⁻¹: one
+    # Cholesky and one triangular inverse instead of inverting H and factorising the inverse.
+    lower = jnp.linalg.cholesky(h[::-1, ::-1])
     eye = jnp.eye(h.shape[0], dtype=h.dtype)
     lower_inv = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
-    h_inv = jnp.matmul(lower_inv.T, lower_inv, precision=jax.lax.Precision.HIGHEST)
-    upper = jnp.linalg.cholesky(h_inv).T
-    return upper, dead
+    return lower_inv[::-1, ::-1], dead

@@ -27,6 +27,7 @@ from llmopt_jax.compress.hessian import damped_inverse_cholesky
 from llmopt_jax.errors import ConfigError
 
 HIGHEST = jax.lax.Precision.HIGHEST
+SUB_BLOCK = 16  # columns per inner pass of SparseGPT (an implementation detail; the mask block is `blocksize`)
 # A quantizer for SparseGPT's joint mode: (column values [rows], column index) -> rounded column.
 ColumnQuantizer = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -68,10 +69,26 @@ def _check_nm(cols: int, pattern: SparsityPattern) -> None:
 
 
 def _drop_smallest(metric: jax.Array, k) -> jax.Array:
-    """Keep-mask of the same shape as ``metric`` that drops exactly its ``k`` smallest entries (ties by position)."""
+    """Keep-mask that drops exactly the ``k`` smallest entries of a non-negative ``metric`` (ties by position).
+
+    The k-th smallest value is found by bisection on the float bits (the order of non-negative floats is the
+    order of their int32 bit patterns): 32 counting passes, much cheaper than sorting on CPU.
+    """
     flat = metric.reshape(-1)
-    ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
-    return (ranks >= k).reshape(metric.shape)
+    bits = jax.lax.bitcast_convert_type(flat.astype(jnp.float32), jnp.int32)
+
+    def halve(_, bounds):
+        lo, hi = bounds  # invariant: count(bits <= lo) < k <= count(bits <= hi)
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits <= mid) >= k
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    _, kth = jax.lax.fori_loop(0, 32, halve, (jnp.int32(-1), jnp.int32(0x7F800000)))  # 0x7F800000 = +inf
+    below = bits < kth
+    ties = bits == kth
+    tie_rank = jnp.cumsum(ties)  # 1-based position among equal values
+    drop = below | (ties & (tie_rank <= k - jnp.sum(below)))
+    return (~drop | (k <= 0)).reshape(metric.shape)
 
 
 def _nm_keep(metric: jax.Array, n: int, m: int) -> jax.Array:
@@ -126,6 +143,7 @@ def sparsegpt_prune(
     bs = min(blocksize, cols)
     if pattern.is_nm and bs % pattern.m:
         raise ConfigError(f"blocksize {bs} must be a multiple of M={pattern.m}")
+    sub = SUB_BLOCK if bs % SUB_BLOCK == 0 and SUB_BLOCK % max(pattern.m, 1) == 0 else bs
     padded = -(-cols // bs) * bs
     upper, dead = damped_inverse_cholesky(hessian.astype(jnp.float32), damp_fraction)
     w = jnp.where(dead[None, :], 0.0, w.astype(jnp.float32))
@@ -149,29 +167,44 @@ def sparsegpt_prune(
             k = jnp.floor(pattern.sparsity * rows * jnp.sum(valid)).astype(jnp.int32)
             keep1 = _drop_smallest(saliency, k)
 
-        def column(i, state):
-            w1, q1, err1, keep1 = state
+        # Columns are visited in sub-blocks of `sub` columns: each column updates only its sub-block, and a
+        # sub-block's errors reach the rest of the block in one matmul (the same arithmetic, fewer passes over
+        # the [rows, bs] block).
+        def column(i, state, d_sub, u_sub, offset):
+            w_sub, q_sub, err_sub, keep_sub = state
             if pattern.is_nm:
                 start = i - i % pattern.m
-                group = jax.lax.dynamic_slice(w1, (0, start), (rows, pattern.m)) ** 2
-                group = group / jax.lax.dynamic_slice(d, (start,), (pattern.m,))[None, :] ** 2
+                group = jax.lax.dynamic_slice(w_sub, (0, start), (rows, pattern.m)) ** 2
+                group = group / jax.lax.dynamic_slice(d_sub, (start,), (pattern.m,))[None, :] ** 2
                 new = _nm_keep(group, pattern.n, pattern.m)
-                old = jax.lax.dynamic_slice(keep1, (0, start), (rows, pattern.m))
-                keep1 = jax.lax.dynamic_update_slice(keep1, jnp.where(i % pattern.m == 0, new, old), (0, start))
-            col = jax.lax.dynamic_slice(w1, (0, i), (rows, 1))[:, 0]
-            kept = jax.lax.dynamic_slice(keep1, (0, i), (rows, 1))[:, 0]
+                old = jax.lax.dynamic_slice(keep_sub, (0, start), (rows, pattern.m))
+                keep_sub = jax.lax.dynamic_update_slice(keep_sub, jnp.where(i % pattern.m == 0, new, old), (0, start))
+            col = jax.lax.dynamic_slice(w_sub, (0, i), (rows, 1))[:, 0]
+            kept = jax.lax.dynamic_slice(keep_sub, (0, i), (rows, 1))[:, 0]
             q = jnp.where(kept, col, 0.0)
             if quantize is not None:
-                q = jnp.where(kept, quantize(q, i1 + i), 0.0)
-            err = (col - q) / d[i]
-            # Row i of the upper factor is zero left of i: this updates columns i.. of the block only.
-            w1 = w1 - err[:, None] * jax.lax.dynamic_slice(u1, (i, 0), (1, bs))
-            q1 = jax.lax.dynamic_update_slice(q1, q[:, None], (0, i))
-            err1 = jax.lax.dynamic_update_slice(err1, err[:, None], (0, i))
-            return w1, q1, err1, keep1
+                q = jnp.where(kept, quantize(q, offset + i), 0.0)
+            err = (col - q) / d_sub[i]
+            # Row i of the upper factor is zero left of i: this updates columns i.. of the sub-block only.
+            w_sub = w_sub - err[:, None] * jax.lax.dynamic_slice(u_sub, (i, 0), (1, sub))
+            q_sub = jax.lax.dynamic_update_slice(q_sub, q[:, None], (0, i))
+            err_sub = jax.lax.dynamic_update_slice(err_sub, err[:, None], (0, i))
+            return w_sub, q_sub, err_sub, keep_sub
 
-        zeros = jnp.zeros((rows, bs), jnp.float32)
-        _, q1, err1, keep1 = jax.lax.fori_loop(0, bs, column, (w1, zeros, zeros, keep1))
+        q_parts, err_parts, keep_parts = [], [], []
+        for j in range(0, bs, sub):
+            zeros = jnp.zeros((rows, sub), jnp.float32)
+            body = functools.partial(column, d_sub=d[j : j + sub], u_sub=u1[j : j + sub, j : j + sub], offset=i1 + j)
+            _, q_sub, err_sub, keep_sub = jax.lax.fori_loop(
+                0, sub, body, (w1[:, j : j + sub], zeros, zeros, keep1[:, j : j + sub])
+            )
+            if j + sub < bs:
+                w1 = w1.at[:, j + sub :].add(-jnp.matmul(err_sub, u1[j : j + sub, j + sub :], precision=HIGHEST))
+            q_parts.append(q_sub)
+            err_parts.append(err_sub)
+            keep_parts.append(keep_sub)
+        q1, err1, keep1 = (jnp.concatenate(parts, axis=1) for parts in (q_parts, err_parts, keep_parts))
+
         # Lazy batched update of every later column; earlier columns see zeros of the upper factor.
         w = w - jnp.matmul(err1, jax.lax.dynamic_slice(upper, (i1, 0), (bs, padded)), precision=HIGHEST)
         w = jax.lax.dynamic_update_slice(w, q1, (0, i1))

@@ -1,0 +1,46 @@
+"""One-shot compression presets: ``--config=configs/compress.py:METHOD``.
+
+METHOD: ``dense`` (no change, the baseline), ``magnitude``, ``wanda``, ``sparsegpt``, or ``smoke`` (SparseGPT with
+a tiny calibration set and a short evaluation, for tests). Calibration text defaults to ``pydoc_data.topics``
+(128 seeded windows of 512 tokens); evaluation defaults to a held-out text of the same domain: the docstrings
+of standard-library modules.
+"""
+
+from ml_collections import ConfigDict
+
+from llmopt_jax.errors import ConfigError
+
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt")
+
+
+def get_config(preset: str = "sparsegpt") -> ConfigDict:
+    if preset not in METHODS + ("smoke",):
+        raise ConfigError(f"unknown compress preset {preset!r}; choose one of {sorted(METHODS + ('smoke',))}")
+    c = ConfigDict()
+    c.preset = preset
+    c.method = "sparsegpt" if preset == "smoke" else preset
+    c.model = "smollm2-135m"  # a known name, a GGUF file, or a directory with config.json + *.safetensors
+    c.sparsity = 0.5  # fraction of zeros per matrix for unstructured pruning, in [0, 1)
+    c.pattern = ""  # "" = unstructured; "N:M" keeps N of every M consecutive inputs (sparsity is then 1 - N/M)
+    c.bits = 32  # storage bits per weight (quantization arrives with its own issue)
+    c.group_size = -1
+    c.act_order = False
+
+    c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))
+
+    c.calib = ConfigDict()
+    c.calib.text_file = ""  # UTF-8 file(s), comma-separated; empty = pydoc_data.topics
+    c.calib.num_samples = 16 if preset == "smoke" else 128
+    c.calib.seq_len = 128 if preset == "smoke" else 512
+    c.calib.seed = 0
+    c.calib.batch_size = 8  # windows per forward pass while collecting statistics
+
+    c.eval = ConfigDict()
+    c.eval.text_file = ""  # empty = standard-library docstrings (held out, same domain as the calibration text)
+    c.eval.seq_len = 512
+    c.eval.batch_size = 4
+    c.eval.max_windows = 4 if preset == "smoke" else 0  # 0 = every full window
+
+    c.save = ""  # write the compressed model: a path ending in .gguf (F32 GGUF) or a directory (safetensors)
+    c.progress = True
+    return c
