@@ -6,7 +6,8 @@ matrix transform to each linear weight, write the block back, and run the *compr
 next block's inputs. Only one block's activations and statistics are alive at a time.
 
 A matrix transform is ``(w [rows = outputs, cols = inputs] float32, InputStats) -> (new_w, info)`` where
-``info`` may hold a boolean ``"keep"`` mask; ``compress/prune.py`` and the recipes build them.
+``info`` may hold a boolean ``"keep"`` mask; ``compress/prune.py`` and the recipes build them. A transform
+with the attribute ``needs_calibration = False`` is data-free and receives ``None`` statistics.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class LayerReport:
     name: str
     shape: tuple[int, int]  # [outputs, inputs]
     sparsity: float  # fraction of exact zeros after the transform
-    relative_error: float  # ‖(W − Ŵ)X‖² / ‖WX‖² on the calibration inputs
+    relative_error: float | None  # ‖(W − Ŵ)X‖² / ‖WX‖² on the calibration inputs (None: no calibration)
     seconds: float
 
 
@@ -141,6 +142,8 @@ def compress_sequentially(
     if batch_size < 1:
         raise ConfigError(f"calib.batch_size must be positive, got {batch_size}")
     stacked = cfg.scan_layers
+    # Data-free transforms (magnitude) get stats=None and the calibration passes are skipped.
+    calibrated = getattr(transform, "needs_calibration", True)
     runner = _BlockRunner(cfg)
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731 - calibration runs in float32
     table = f32(pure["embed"]["embedding"])
@@ -153,8 +156,8 @@ def compress_sequentially(
     new_layers, layer_masks, reports = [], [], []
     for i in tqdm(range(cfg.num_layers), desc="blocks", disable=not progress, leave=False):
         block = jax.tree.map(f32, _layer(pure, i, stacked))
-        stats = {g: InputStats.zeros(d) for g, d in dims.items()}
-        for x in xs:
+        stats = {g: InputStats.zeros(d) for g, d in dims.items()} if calibrated else dict.fromkeys(dims)
+        for x in xs if calibrated else ():
             stats = runner.accumulate(block, x, stats)
         new_block = jax.tree.map(lambda a: a, block)  # a new tree; leaves are immutable arrays
         masks: dict = {}
@@ -166,14 +169,14 @@ def compress_sequentially(
                 new_w = jax.block_until_ready(new_w)
                 new_block[name] = {"kernel": matrix_to_kernel(name, new_w, block[name]["kernel"])}
                 if "keep" in info:
-                    masks[name] = {"kernel": np.asarray(matrix_to_kernel(name, info["keep"], block[name]["kernel"]))}
+                    masks[name] = {"kernel": np.asarray(info["keep"]).T.reshape(block[name]["kernel"].shape)}
                 reports.append(LayerReport(
                     block=i, name=name, shape=tuple(w.shape), sparsity=float(jnp.mean(new_w == 0)),
-                    relative_error=_relative_error(w, new_w, stats[group].hessian),
+                    relative_error=_relative_error(w, new_w, stats[group].hessian) if calibrated else None,
                     seconds=time.perf_counter() - t0,
                 ))
         # The next block sees what the compressed block produces.
-        xs = [runner.forward(new_block, x) for x in xs]
+        xs = [runner.forward(new_block, x) for x in xs] if calibrated else xs
         original = _layer(pure, i, stacked)
         new_layers.append(jax.tree.map(lambda new, old: np.asarray(new, np.asarray(old).dtype), new_block, original))
         layer_masks.append(masks)

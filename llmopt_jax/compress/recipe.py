@@ -23,10 +23,11 @@ def magnitude(sparsity: float = 0.5, pattern: str = "") -> MatrixTransform:
     """Drops the smallest ``|W|`` (no calibration statistics needed)."""
     pat = parse_pattern(sparsity, pattern)
 
-    def apply(w: jax.Array, stats: InputStats) -> tuple[jax.Array, dict]:
+    def apply(w: jax.Array, stats: InputStats | None) -> tuple[jax.Array, dict]:
         new_w, keep = magnitude_prune(w, pat)
         return new_w, {"keep": keep}
 
+    apply.needs_calibration = False  # the engine then skips the forward passes
     return apply
 
 
@@ -71,6 +72,7 @@ def chain(*transforms: MatrixTransform) -> MatrixTransform:
             w = jnp.where(keep, w, 0.0).astype(w.dtype)
         return w, {"keep": keep}
 
+    apply.needs_calibration = any(getattr(t, "needs_calibration", True) for t in transforms)
     return apply
 
 

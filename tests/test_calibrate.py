@@ -1,0 +1,123 @@
+"""The sequential engine: statistics come from the compressed previous blocks; purity; layouts; masks."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmopt_jax.compress.calibrate import compress_sequentially, kernel_to_matrix, measured_sparsity
+from llmopt_jax.compress.prune import magnitude_prune, parse_pattern
+from llmopt_jax.compress.recipe import chain, from_recipe, magnitude, sparsegpt, wanda
+from llmopt_jax.errors import ConfigError
+from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.parallel.sharded_init import init_model, load_params
+
+CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=64,
+                  scan_layers=False)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    graphdef, params = init_model(CFG, seed=1)
+    windows = np.random.default_rng(0).integers(0, CFG.vocab_size, (6, 16))
+    return graphdef, nnx.to_pure_dict(params), windows
+
+
+def copy_tree(tree):
+    return jax.tree.map(lambda a: np.array(a), tree)
+
+
+def test_identity_transform_changes_nothing(setup):
+    _, pure, windows = setup
+    new, report = compress_sequentially(CFG, pure, windows, lambda w, s: (w, {}), batch_size=4, progress=False)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new, pure)
+    assert len(report["layers"]) == 2 * 7 and all(r.relative_error == 0 for r in report["layers"])
+
+
+def test_block_statistics_come_from_the_compressed_previous_block(setup):
+    """Block 1's attention-input Hessian must equal 2XᵀX/n with X = attn_norm(compressed block 0's output)."""
+    _, pure, windows = setup
+    calls = []
+    inner = sparsegpt(0.5)
+
+    def recording(w, stats):
+        calls.append(stats)
+        return inner(w, stats)
+
+    new, _ = compress_sequentially(CFG, pure, windows, recording, batch_size=4, progress=False)
+    graphdef, params = load_params(CFG, new)
+    model = nnx.merge(graphdef, params)
+    tokens = jnp.asarray(windows)
+    positions = jnp.broadcast_to(jnp.arange(16), tokens.shape)
+    x = model.embed(tokens)
+    x, _ = model.layers[0](x, positions)
+    h = np.asarray(model.layers[1].attn_norm(x), np.float64).reshape(-1, CFG.d_model)
+    np.testing.assert_allclose(calls[7].hessian, 2 * h.T @ h / len(h), rtol=1e-4, atol=1e-5)
+    # ... and block 0's statistics were taken on the dense embeddings (nothing compressed before it).
+    e = np.asarray(model.layers[0].attn_norm(model.embed(tokens)), np.float64).reshape(-1, CFG.d_model)
+    np.testing.assert_allclose(calls[0].hessian, 2 * e.T @ e / len(e), rtol=1e-4, atol=1e-5)
+
+
+def test_pure_masks_sparsity_and_determinism(setup):
+    _, pure, windows = setup
+    before = copy_tree(pure)
+    a, report = compress_sequentially(CFG, pure, windows, from_recipe([{"name": "sparsegpt", "sparsity": 0.5}]),
+                                      progress=False)
+    b, _ = compress_sequentially(CFG, pure, windows, from_recipe([{"name": "sparsegpt", "sparsity": 0.5}]),
+                                 progress=False)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), pure, before)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    assert abs(measured_sparsity(a) - 0.5) < 1e-3
+    for i in range(CFG.num_layers):
+        for name, mask in report["masks"]["layers"][i].items():
+            kernel = np.asarray(a["layers"][i][name]["kernel"])
+            assert mask["kernel"].shape == kernel.shape
+            assert (kernel[~mask["kernel"]] == 0).all()
+    # Embeddings and norms are left alone.
+    np.testing.assert_array_equal(a["embed"]["embedding"], pure["embed"]["embedding"])
+
+
+def test_scan_and_list_layouts_agree(setup):
+    _, pure, windows = setup
+    stacked_cfg = dataclasses.replace(CFG, scan_layers=True)
+    stacked = {**pure, "layers": jax.tree.map(lambda *a: np.stack(a), *[pure["layers"][i] for i in range(2)])}
+    transform = wanda(0.5, "2:4")
+    listed, _ = compress_sequentially(CFG, pure, windows, transform, progress=False)
+    scanned, report = compress_sequentially(stacked_cfg, stacked, windows, transform, progress=False)
+    for i in range(2):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x[i], y, rtol=1e-5, atol=1e-6),
+                     scanned["layers"], listed["layers"][i])
+    assert report["masks"]["layers"]["q_proj"]["kernel"].shape[0] == 2
+
+
+def test_magnitude_needs_no_calibration_and_matches_direct_pruning(setup):
+    _, pure, windows = setup
+    new, report = compress_sequentially(CFG, pure, windows, magnitude(0.3), progress=False)
+    w = kernel_to_matrix("o_proj", pure["layers"][1]["o_proj"]["kernel"])
+    expected, _ = magnitude_prune(w, parse_pattern(0.3))
+    np.testing.assert_array_equal(kernel_to_matrix("o_proj", new["layers"][1]["o_proj"]["kernel"]), expected)
+    assert all(r.relative_error is None for r in report["layers"])
+    assert not chain(magnitude(0.3)).needs_calibration and chain(magnitude(0.3), wanda(0.1)).needs_calibration
+
+
+def test_chain_keeps_earlier_zeros(setup):
+    _, pure, windows = setup
+    revive = lambda w, s: (w + 1.0, {})  # noqa: E731 - a step that would make every weight nonzero
+    new, report = compress_sequentially(CFG, pure, windows, chain(sparsegpt(0.5), revive), progress=False)
+    assert abs(measured_sparsity(new) - 0.5) < 1e-3
+
+
+def test_errors(setup):
+    _, pure, windows = setup
+    with pytest.raises(ConfigError, match="unknown compression step 'prune'"):
+        from_recipe([{"name": "prune"}])
+    with pytest.raises(ConfigError, match="compression step 'wanda'"):
+        from_recipe([{"name": "wanda", "bits": 4}])
+    with pytest.raises(ConfigError, match="sparsity must be in"):
+        from_recipe([{"name": "sparsegpt", "sparsity": 1.5}])
+    with pytest.raises(ConfigError, match="non-empty"):
+        compress_sequentially(CFG, pure, np.zeros((0, 16), int), magnitude(0.5), progress=False)
