@@ -45,6 +45,10 @@ def main(config, workdir):
     tok = model.tokenizer
     if tok is None:
         raise ConfigError(f"{model.path}: no tokenizer found next to the model (tokenizer.json)")
+    for key in ("calib", "eval"):
+        if not 2 <= config[key].seq_len <= model.cfg.max_seq_len:
+            raise ConfigError(f"{key}.seq_len={config[key].seq_len} must be in [2, {model.cfg.max_seq_len}] "
+                              "(the model's context)")
     params, seconds, layers = model.params, 0.0, []
     if transform is not None:
         calib = sample_windows(np.asarray(tok.encode(calib_text)), config.calib.num_samples, config.calib.seq_len,
