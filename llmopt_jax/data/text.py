@@ -74,6 +74,17 @@ def stdlib_docstrings_text() -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+def python_license_text() -> str:
+    """Python's own ``LICENSE.txt`` (legal English, far from the documentation domain of the other texts)."""
+    import sysconfig
+
+    path = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
+    if not os.path.isfile(path):
+        raise DataError(f"Python's LICENSE.txt is not installed at {path}; pass a text file instead")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def load_texts(paths: Iterable[str] | str | None) -> str:
     """The UTF-8 contents of ``paths`` joined with blank lines; the default text when none are given."""
     if paths is None or paths == "" or (not isinstance(paths, str) and len(list(paths)) == 0):

@@ -1,0 +1,153 @@
+"""SparseGPT case study: perplexity vs sparsity for magnitude, Wanda and SparseGPT on the real model.
+
+    python -m experiments.sparsegpt_case_study --config=configs/sparsegpt_case_study.py:default --workdir=runs/case
+
+Every finished row is appended to WORKDIR/rows.jsonl, so a killed run continues where it stopped. At the end:
+results.json (rows + settings), table.md (perplexity on the close and far texts, measured sparsity, seconds to
+compress) and perplexity_vs_sparsity.png (log scale, one line per method and text).
+"""
+
+from llmopt_jax import cli
+
+
+def grid(config) -> list[dict]:
+    rows = [{"method": "dense", "pattern": "unstructured", "sparsity_target": 0.0}]
+    for method in [m for m in config.methods.split(",") if m]:
+        for s in [float(x) for x in config.sparsities.split(",") if x]:
+            rows.append({"method": method, "pattern": "unstructured", "sparsity_target": s})
+        for pattern in [p for p in config.patterns.split(",") if p]:
+            n, m = (int(v) for v in pattern.split(":"))
+            rows.append({"method": method, "pattern": pattern, "sparsity_target": 1 - n / m})
+    return rows
+
+
+def row_key(row: dict) -> str:
+    return f"{row['method']}/{row['pattern']}/{row['sparsity_target']:.4f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| method | pattern | target | measured sparsity | ppl close | ppl far | compress s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity_target']:.0%} | {r['sparsity']:.4f} | "
+                     f"{r['perplexity_close']:.2f} | {r['perplexity_far']:.2f} | {r['seconds_compress']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    for ax, text in zip(axes, ("close", "far")):
+        for method, color in (("magnitude", "tab:red"), ("wanda", "tab:green"), ("sparsegpt", "tab:blue")):
+            line = sorted((r for r in rows if r["method"] == method and r["pattern"] == "unstructured"),
+                          key=lambda r: r["sparsity_target"])
+            if line:
+                ax.plot([r["sparsity_target"] for r in line], [r[f"perplexity_{text}"] for r in line], "o-",
+                        color=color, label=method)
+            for r in rows:
+                if r["method"] == method and r["pattern"] != "unstructured":
+                    ax.scatter([r["sparsity_target"]], [r[f"perplexity_{text}"]], marker="s", color=color)
+                    ax.annotate(r["pattern"], (r["sparsity_target"], r[f"perplexity_{text}"]), fontsize=7)
+        if dense:
+            ax.axhline(dense[f"perplexity_{text}"], color="gray", linestyle="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity of every block linear layer")
+        ax.set_title(f"{text}-domain text")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("perplexity (log)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(config, workdir):
+    import json
+    import os
+
+    import numpy as np
+
+    from llmopt_jax.compress.calibrate import compress_sequentially, measured_sparsity
+    from llmopt_jax.compress.recipe import from_recipe
+    from llmopt_jax.data.text import load_texts, python_license_text, sample_windows, stdlib_docstrings_text
+    from llmopt_jax.eval.perplexity import evaluate_perplexity
+    from llmopt_jax.io.load import load_pretrained
+    from llmopt_jax.jsonio import write_json
+    from llmopt_jax.parallel.sharded_init import load_params
+
+    workdir = cli.prepare_workdir(config, workdir)
+    todo = grid(config)
+    for row in todo:  # validate every step before anything slow happens
+        if row["method"] != "dense":
+            from_recipe([recipe_step(config, row)])
+    model = load_pretrained(config.model)
+    tok = model.tokenizer
+    close = np.asarray(tok.encode(load_texts(config.eval.close_text_file) if config.eval.close_text_file
+                                  else stdlib_docstrings_text()))
+    far = np.asarray(tok.encode(load_texts(config.eval.far_text_file) if config.eval.far_text_file
+                                else python_license_text()))
+    calib = sample_windows(np.asarray(tok.encode(load_texts(config.calib.text_file or None))),
+                           config.calib.num_samples, config.calib.seq_len, config.calib.seed)
+
+    rows_path = os.path.join(workdir, "rows.jsonl")
+    done = {}
+    if os.path.exists(rows_path):
+        with open(rows_path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    done[row_key(row)] = row
+    for row in todo:
+        if row_key(row) in done:
+            continue
+        params, seconds = model.params, 0.0
+        if row["method"] != "dense":
+            transform = from_recipe([recipe_step(config, row)])
+            pure, report = compress_sequentially(model.cfg, model.params, calib, transform,
+                                                 batch_size=config.calib.batch_size, progress=config.progress)
+            _, params = load_params(model.cfg, pure)
+            seconds = report["seconds"]
+        evals = {}
+        for name, tokens, limit in (("close", close, config.eval.close_max_windows),
+                                    ("far", far, config.eval.far_max_windows)):
+            evals[name] = evaluate_perplexity(model.graphdef, params, tokens, config.eval.seq_len,
+                                              config.eval.batch_size, max_windows=limit, progress=False)
+        row = {**row, "sparsity": measured_sparsity(params), "seconds_compress": seconds,
+               "perplexity_close": evals["close"].perplexity, "num_eval_tokens_close": evals["close"].num_eval_tokens,
+               "perplexity_far": evals["far"].perplexity, "num_eval_tokens_far": evals["far"].num_eval_tokens}
+        with open(rows_path, "a") as f:  # one line per finished row: the resume point
+            f.write(json.dumps(row) + "\n")
+        done[row_key(row)] = row
+        print(f"{row['method']:9s} {row['pattern']:12s} {row['sparsity_target']:.0%}: close {row['perplexity_close']:8.2f}"
+              f"  far {row['perplexity_far']:8.2f}  ({seconds:.0f} s)", flush=True)
+
+    rows = [done[row_key(r)] for r in todo]
+    write_json(os.path.join(workdir, "results.json"), {
+        "rows": rows, "calib_windows": config.calib.num_samples, "calib_seq_len": config.calib.seq_len,
+        "close_text": config.eval.close_text_file or "stdlib docstrings", "far_text": config.eval.far_text_file or
+        "Python LICENSE.txt", "model": model.path})
+    table = markdown_table(rows)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(table)
+    plot(rows, os.path.join(workdir, "perplexity_vs_sparsity.png"))
+    print(table)
+
+
+def recipe_step(config, row: dict) -> dict:
+    step = {"name": row["method"]}
+    if row["pattern"] == "unstructured":
+        step["sparsity"] = row["sparsity_target"]
+    else:
+        step["pattern"] = row["pattern"]
+    if row["method"] == "sparsegpt":
+        step.update(blocksize=config.sparsegpt.blocksize, damp_fraction=config.sparsegpt.damp_fraction)
+    return step
+
+
+if __name__ == "__main__":
+    cli.run(main)
