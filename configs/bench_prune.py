@@ -1,0 +1,53 @@
+"""Pruning benchmark presets: ``--config=configs/bench_prune.py:PRESET`` with PRESET in default, smoke."""
+
+from ml_collections import ConfigDict
+
+from llmopt_jax.errors import ConfigError
+
+PRESETS = {
+    # Matrix solves at LLaMA-7B-like sizes, and all 30 blocks of SmolLM2-135M with the default calibration.
+    "default": dict(sizes="4096,8192", repeats=3, num_samples=128, seq_len=512, model_repeats=1,
+                    model_layers=0, cpus=0),
+    # Small enough for 2 CPU cores in well under 3 minutes (one core: immune to a busy neighbour); works without torch.
+    "smoke": dict(sizes="512", repeats=1, num_samples=8, seq_len=128, model_repeats=1,
+                  model_layers=0, cpus=1),
+}
+
+
+def get_config(preset: str = "default") -> ConfigDict:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown bench_prune preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    c = ConfigDict()
+    c.preset = preset
+    c.sparsity = 0.5  # unstructured sparsity (N:M patterns imply their own)
+    c.patterns = "unstructured,2:4"  # comma-separated patterns of the matrix rows
+    c.blocksize = 128
+    c.damp_fraction = 0.01
+    # (a) random square matrix problems: W [n, n], H = 2XᵀX/N from correlated inputs X [N, n].
+    c.sizes = p["sizes"]  # comma-separated n; "" = no matrix rows
+    c.tokens = 0  # N, rows of X; 0 = 2n (a full-rank Hessian)
+    c.repeats = p["repeats"]  # timed runs per solver and row (after a warm-up run of ours); medians reported
+    c.seed = 0
+    # (b) the real model, pruned block by block with the sequential engine.
+    c.model_row = True
+    c.model = "smollm2-135m"
+    c.model_pattern = ""  # "" = `sparsity` unstructured, or "N:M"
+    c.model_layers = p["model_layers"]  # prune the first blocks only (0 = all)
+    c.model_repeats = p["model_repeats"]  # timed passes over the recorded matrix problems per solver
+    c.calib = ConfigDict()
+    c.calib.num_samples = p["num_samples"]
+    c.calib.seq_len = p["seq_len"]
+    c.calib.seed = 0
+    c.calib.batch_size = 8
+    # The PyTorch reference (experiments/sparsegpt_torch.py; needs the `reference` extra).
+    c.torch = True  # False: skip it even when torch is installed (its columns are then null)
+    c.torch_threads = "1,0"  # thread counts to try (0 = all cores); the faster median is reported
+    # A thread count whose first run is this many times slower than the fastest one is not repeated (PyTorch's
+    # per-column OpenMP loops can be 10x slower on 2 threads than on 1 when the CPU is shared).
+    c.slow_factor = 3.0
+    # CPUs the whole process is pinned to, for both solvers (0 = all it may use). On a CPU shared with other
+    # processes multi-threaded runs of either solver can be many times slower than single-threaded ones.
+    c.cpus = p["cpus"]
+    c.progress = True
+    return c
