@@ -64,19 +64,10 @@ def pattern_key(pattern) -> str:
 
 
 def relative_error(w, new_w, hessian) -> float:
-    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` in float32 at full matmul precision."""
-    import jax
-    import jax.numpy as jnp
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` (the engine's measure) for NumPy or JAX arrays."""
+    from llmopt_jax.compress.calibrate import relative_reconstruction_error
 
-    @jax.jit
-    def ratio(w, new_w, h):
-        hp = jax.lax.Precision.HIGHEST
-        delta = w - new_w
-        num = jnp.sum(jnp.matmul(delta, h, precision=hp) * delta)
-        den = jnp.sum(jnp.matmul(w, h, precision=hp) * w)
-        return num / jnp.maximum(den, 1e-30)
-
-    return float(ratio(jnp.asarray(w, jnp.float32), jnp.asarray(new_w, jnp.float32), jnp.asarray(hessian)))
+    return relative_reconstruction_error(w, new_w, hessian)
 
 
 def random_problem(n: int, tokens: int, seed: int):

@@ -42,9 +42,7 @@ def main(config, workdir):
     calib_text = load_texts(config.calib.text_file or None)
 
     model = load_pretrained(config.model)
-    tok = model.tokenizer
-    if tok is None:
-        raise ConfigError(f"{model.path}: no tokenizer found next to the model (tokenizer.json)")
+    tok = model.require_tokenizer()
     for key in ("calib", "eval"):
         if not 2 <= config[key].seq_len <= model.cfg.max_seq_len:
             raise ConfigError(f"{key}.seq_len={config[key].seq_len} must be in [2, {model.cfg.max_seq_len}] "

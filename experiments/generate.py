@@ -28,9 +28,7 @@ def main(config, workdir):
     model = load_pretrained(
         config.model, dtype=config.dtype, param_dtype=config.dtype, scan_layers=config.scan_layers
     )
-    tok = model.tokenizer
-    if tok is None:
-        raise ConfigError(f"{model.path}: no tokenizer found next to the model (tokenizer.json)")
+    tok = model.require_tokenizer()
     if config.chat:
         messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
             {"role": "user", "content": config.prompt}

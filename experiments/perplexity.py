@@ -16,7 +16,6 @@ def main(config, workdir):
     import numpy as np
 
     from llmopt_jax.data.text import load_texts
-    from llmopt_jax.errors import ConfigError
     from llmopt_jax.eval.perplexity import evaluate_perplexity
     from llmopt_jax.io.load import load_pretrained
     from llmopt_jax.jsonio import write_json
@@ -30,9 +29,7 @@ def main(config, workdir):
     t0 = time.perf_counter()
     model = load_pretrained(config.model, mesh=mesh, rules=rules, dtype=config.dtype, param_dtype=config.dtype)
     load_seconds = time.perf_counter() - t0
-    if model.tokenizer is None:
-        raise ConfigError(f"{model.path}: no tokenizer found next to the model (tokenizer.json)")
-    tokens = np.asarray(model.tokenizer.encode(text), np.int32)
+    tokens = np.asarray(model.require_tokenizer().encode(text), np.int32)
     result = evaluate_perplexity(
         model.graphdef, model.params, tokens, config.eval.seq_len, config.eval.batch_size,
         max_windows=config.eval.max_windows, mesh=mesh, rules=rules, progress=config.progress,

@@ -86,7 +86,7 @@ def main(config, workdir):
         if row["method"] != "dense":
             from_recipe([recipe_step(config, row)])
     model = load_pretrained(config.model)
-    tok = model.tokenizer
+    tok = model.require_tokenizer()
     close = np.asarray(tok.encode(load_texts(config.eval.close_text_file) if config.eval.close_text_file
                                   else stdlib_docstrings_text()))
     far = np.asarray(tok.encode(load_texts(config.eval.far_text_file) if config.eval.far_text_file

@@ -27,6 +27,12 @@ class PretrainedModel:
     tokenizer: GGUFTokenizer | None
     path: str
 
+    def require_tokenizer(self) -> GGUFTokenizer:
+        """The tokenizer, or an ``LlmoptError`` naming the model when none was found beside it."""
+        if self.tokenizer is None:
+            raise LlmoptError(f"{self.path}: no tokenizer found next to the model (tokenizer.json)")
+        return self.tokenizer
+
 
 def load_pretrained(
     name_or_path: str,
