@@ -29,7 +29,8 @@ def get_config(preset: str = "sparsegpt") -> ConfigDict:
     c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))
 
     c.calib = ConfigDict()
-    c.calib.text_file = ""  # UTF-8 file(s), comma-separated; empty = pydoc_data.topics
+    c.calib.text_file = ""  # UTF-8 file(s), comma-separated; empty = the named sources below
+    c.calib.sources = "topics"  # comma-separated names of llmopt_jax.data.text.CALIBRATION_SOURCES, equal shares
     c.calib.num_samples = 16 if preset == "smoke" else 128
     c.calib.seq_len = 128 if preset == "smoke" else 512
     c.calib.seed = 0

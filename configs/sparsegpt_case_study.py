@@ -29,7 +29,8 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))
 
     c.calib = ConfigDict()
-    c.calib.text_file = ""  # empty = pydoc_data.topics
+    c.calib.text_file = ""  # UTF-8 file(s), comma-separated; empty = the named sources below
+    c.calib.sources = "topics"  # comma-separated names of llmopt_jax.data.text.CALIBRATION_SOURCES, equal shares
     c.calib.num_samples = p["num_samples"]
     c.calib.seq_len = p["seq_len"]
     c.calib.seed = 0

@@ -21,7 +21,7 @@ def main(config, workdir):
     from llmopt_jax.compress.calibrate import compress_sequentially, measured_sparsity
     from llmopt_jax.compress.prune import parse_pattern
     from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.data.text import load_texts, sample_windows, stdlib_docstrings_text
+    from llmopt_jax.data.text import calibration_windows, load_texts, parse_calibration_sources, stdlib_docstrings_text
     from llmopt_jax.errors import ConfigError
     from llmopt_jax.eval.perplexity import evaluate_perplexity
     from llmopt_jax.infer.roofline import tree_bytes
@@ -39,7 +39,10 @@ def main(config, workdir):
         step.update(blocksize=config.sparsegpt.blocksize, damp_fraction=config.sparsegpt.damp_fraction)
     transform = None if config.method == "dense" else from_recipe([step])  # validates before the model loads
     eval_text = load_texts(config.eval.text_file) if config.eval.text_file else stdlib_docstrings_text()
-    calib_text = load_texts(config.calib.text_file or None)
+    if config.calib.text_file:
+        load_texts(config.calib.text_file)  # a missing or non-UTF-8 file fails before the model loads
+    else:
+        parse_calibration_sources(config.calib.sources)
 
     model = load_pretrained(config.model)
     tok = model.require_tokenizer()
@@ -49,8 +52,8 @@ def main(config, workdir):
                               "(the model's context)")
     params, seconds, layers = model.params, 0.0, []
     if transform is not None:
-        calib = sample_windows(np.asarray(tok.encode(calib_text)), config.calib.num_samples, config.calib.seq_len,
-                               config.calib.seed)
+        calib = calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,
+                                    config.calib.seq_len, config.calib.seed)
         pure, report = compress_sequentially(model.cfg, model.params, calib, transform,
                                              batch_size=config.calib.batch_size, progress=config.progress)
         _, params = load_params(model.cfg, pure)
@@ -72,6 +75,7 @@ def main(config, workdir):
         "seconds_eval": result.seconds,
         "calib_windows": 0 if transform is None else int(config.calib.num_samples),
         "calib_seq_len": int(config.calib.seq_len),
+        "calib_text": config.calib.text_file or config.calib.sources,
         "model": model.path,
     }
     write_json(f"{workdir}/layers.json", [dataclasses.asdict(r) for r in layers])

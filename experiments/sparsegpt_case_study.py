@@ -67,68 +67,50 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(config, workdir):
-    import json
     import os
 
     import numpy as np
 
-    from llmopt_jax.compress.calibrate import compress_sequentially, measured_sparsity
     from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.data.text import load_texts, python_license_text, sample_windows, stdlib_docstrings_text
-    from llmopt_jax.eval.perplexity import evaluate_perplexity
+    from llmopt_jax.compress.study import ResumableRows, prune_and_evaluate
+    from llmopt_jax.data.text import (calibration_windows, load_texts, parse_calibration_sources,
+                                      python_license_text, stdlib_docstrings_text)
     from llmopt_jax.io.load import load_pretrained
     from llmopt_jax.jsonio import write_json
-    from llmopt_jax.parallel.sharded_init import load_params
 
     workdir = cli.prepare_workdir(config, workdir)
     todo = grid(config)
     for row in todo:  # validate every step before anything slow happens
         if row["method"] != "dense":
             from_recipe([recipe_step(config, row)])
+    if not config.calib.text_file:
+        parse_calibration_sources(config.calib.sources)
     model = load_pretrained(config.model)
     tok = model.require_tokenizer()
-    close = np.asarray(tok.encode(load_texts(config.eval.close_text_file) if config.eval.close_text_file
-                                  else stdlib_docstrings_text()))
-    far = np.asarray(tok.encode(load_texts(config.eval.far_text_file) if config.eval.far_text_file
-                                else python_license_text()))
-    calib = sample_windows(np.asarray(tok.encode(load_texts(config.calib.text_file or None))),
-                           config.calib.num_samples, config.calib.seq_len, config.calib.seed)
+    texts = {
+        "close": (np.asarray(tok.encode(load_texts(config.eval.close_text_file) if config.eval.close_text_file
+                                        else stdlib_docstrings_text())), config.eval.close_max_windows),
+        "far": (np.asarray(tok.encode(load_texts(config.eval.far_text_file) if config.eval.far_text_file
+                                      else python_license_text())), config.eval.far_max_windows),
+    }
+    calib = calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,
+                                config.calib.seq_len, config.calib.seed)
 
-    rows_path = os.path.join(workdir, "rows.jsonl")
-    done = {}
-    if os.path.exists(rows_path):
-        with open(rows_path) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    done[row_key(row)] = row
+    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key)
     for row in todo:
-        if row_key(row) in done:
+        if finished.get(row) is not None:
             continue
-        params, seconds = model.params, 0.0
-        if row["method"] != "dense":
-            transform = from_recipe([recipe_step(config, row)])
-            pure, report = compress_sequentially(model.cfg, model.params, calib, transform,
-                                                 batch_size=config.calib.batch_size, progress=config.progress)
-            _, params = load_params(model.cfg, pure)
-            seconds = report["seconds"]
-        evals = {}
-        for name, tokens, limit in (("close", close, config.eval.close_max_windows),
-                                    ("far", far, config.eval.far_max_windows)):
-            evals[name] = evaluate_perplexity(model.graphdef, params, tokens, config.eval.seq_len,
-                                              config.eval.batch_size, max_windows=limit, progress=False)
-        row = {**row, "sparsity": measured_sparsity(params), "seconds_compress": seconds,
-               "perplexity_close": evals["close"].perplexity, "num_eval_tokens_close": evals["close"].num_eval_tokens,
-               "perplexity_far": evals["far"].perplexity, "num_eval_tokens_far": evals["far"].num_eval_tokens}
-        with open(rows_path, "a") as f:  # one line per finished row: the resume point
-            f.write(json.dumps(row) + "\n")
-        done[row_key(row)] = row
+        step = None if row["method"] == "dense" else recipe_step(config, row)
+        row = finished.add({**row, **prune_and_evaluate(model, calib, step, texts, config.eval.seq_len,
+                                                        config.eval.batch_size, config.calib.batch_size,
+                                                        config.progress)})
         print(f"{row['method']:9s} {row['pattern']:12s} {row['sparsity_target']:.0%}: close {row['perplexity_close']:8.2f}"
-              f"  far {row['perplexity_far']:8.2f}  ({seconds:.0f} s)", flush=True)
+              f"  far {row['perplexity_far']:8.2f}  ({row['seconds_compress']:.0f} s)", flush=True)
 
-    rows = [done[row_key(r)] for r in todo]
+    rows = [finished.get(r) for r in todo]
     write_json(os.path.join(workdir, "results.json"), {
         "rows": rows, "calib_windows": config.calib.num_samples, "calib_seq_len": config.calib.seq_len,
+        "calib_text": config.calib.text_file or config.calib.sources,
         "close_text": config.eval.close_text_file or "stdlib docstrings", "far_text": config.eval.far_text_file or
         "Python LICENSE.txt", "model": model.path})
     table = markdown_table(rows)

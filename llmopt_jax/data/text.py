@@ -85,6 +85,83 @@ def python_license_text() -> str:
         return f.read()
 
 
+# Standard-library modules whose source code (code and comments) makes a code-domain calibration text; none of
+# them is in DOCSTRING_MODULES, so calibrating on it never sees the held-out evaluation text.
+SOURCE_MODULES = (
+    "ast", "bisect", "calendar", "contextlib", "dataclasses", "heapq", "tokenize", "email.message", "http.client",
+    "xml.dom.minidom",
+)
+
+# IDLE's change logs, READMEs and notes: informal English prose that ships inside the standard library.
+IDLE_PROSE_FILES = ("README.txt", "NEWS.txt", "NEWS2x.txt", "HISTORY.txt", "TODO.txt", "CREDITS.txt", "extend.txt")
+
+
+def stdlib_source_text() -> str:
+    """Python source of the :data:`SOURCE_MODULES`, joined with blank lines."""
+    import importlib
+    import inspect
+
+    return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in SOURCE_MODULES)
+
+
+def idle_prose_text() -> str:
+    """IDLE's READMEs, change logs and notes (:data:`IDLE_PROSE_FILES` from the installed ``idlelib``)."""
+    import sysconfig
+
+    folder = os.path.join(sysconfig.get_paths()["stdlib"], "idlelib")
+    paths = [os.path.join(folder, name) for name in IDLE_PROSE_FILES]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"idlelib's text files are not installed ({missing[0]} is missing); use another source")
+    return load_texts(paths)
+
+
+# Calibration text sources by name: one domain each. ``mixed_calibration_windows`` draws equal shares.
+CALIBRATION_SOURCES = {"topics": default_text, "code": stdlib_source_text, "prose": idle_prose_text}
+
+
+def calibration_source_text(name: str) -> str:
+    """The text of the calibration source ``name`` (a key of :data:`CALIBRATION_SOURCES`)."""
+    if name not in CALIBRATION_SOURCES:
+        raise DataError(f"unknown calibration source {name!r}; choose from {sorted(CALIBRATION_SOURCES)}")
+    return CALIBRATION_SOURCES[name]()
+
+
+def mixed_calibration_windows(token_sources: Sequence[np.ndarray], num: int, length: int, seed: int) -> np.ndarray:
+    """``num`` windows ``[num, length]``, an equal share (the first ones one more) from each token source.
+
+    Source ``i`` is sampled like :func:`sample_windows` with seed ``seed + i``, so one source alone gives the same
+    windows as :func:`sample_windows`.
+    """
+    if not token_sources:
+        raise DataError("mixed calibration needs at least one text source")
+    if num < len(token_sources):
+        raise DataError(f"{num} calibration windows cannot cover {len(token_sources)} sources")
+    shares = [num // len(token_sources) + (i < num % len(token_sources)) for i in range(len(token_sources))]
+    return np.concatenate([sample_windows(t, k, length, seed + i) for i, (t, k) in enumerate(zip(token_sources, shares))])
+
+
+def parse_calibration_sources(sources: str) -> list[str]:
+    """The names in a comma-separated ``sources`` string, each checked against :data:`CALIBRATION_SOURCES`."""
+    names = [n.strip() for n in sources.split(",") if n.strip()]
+    if not names:
+        raise DataError("calib.sources is empty: name at least one of " + ", ".join(sorted(CALIBRATION_SOURCES)))
+    for name in names:
+        if name not in CALIBRATION_SOURCES:
+            raise DataError(f"unknown calibration source {name!r}; choose from {sorted(CALIBRATION_SOURCES)}")
+    return names
+
+
+def calibration_windows(tokenizer: Tokenizer, text_file: str, sources: str, num: int, length: int,
+                        seed: int) -> np.ndarray:
+    """Calibration windows ``[num, length]``: from ``text_file`` (comma-separated paths) when given, else equal
+    shares of the comma-separated :data:`CALIBRATION_SOURCES` named in ``sources``."""
+    if text_file:
+        return sample_windows(np.asarray(tokenizer.encode(load_texts(text_file))), num, length, seed)
+    texts = [calibration_source_text(n) for n in parse_calibration_sources(sources)]
+    return mixed_calibration_windows([np.asarray(tokenizer.encode(t)) for t in texts], num, length, seed)
+
+
 def load_texts(paths: Iterable[str] | str | None) -> str:
     """The UTF-8 contents of ``paths`` joined with blank lines; the default text when none are given."""
     if paths is None or paths == "" or (not isinstance(paths, str) and len(list(paths)) == 0):

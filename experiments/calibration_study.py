@@ -1,0 +1,150 @@
+"""Calibration study: how the calibration set moves Wanda and SparseGPT on close- and far-domain text.
+
+    python -m experiments.calibration_study --config=configs/calibration_study.py:default --workdir=runs/calib
+
+Every finished row is appended to WORKDIR/rows.jsonl (a killed run continues where it stopped). At the end:
+results.json, table.md (one line per calibration set: perplexities of each method on both texts) and
+calibration.png (perplexity vs number of calibration windows, the other sets as labelled points).
+"""
+
+from __future__ import annotations
+
+import re
+
+from llmopt_jax import cli
+from llmopt_jax.errors import ConfigError
+
+VARIANT = re.compile(r"^([a-z]+(?:\+[a-z]+)*)/(\d+)x(\d+)$")
+
+
+def parse_variant(text: str) -> dict:
+    """``"topics+code/128x512"`` -> ``{"variant", "sources": "topics,code", "num_samples": 128, "seq_len": 512}``."""
+    match = VARIANT.match(text.strip())
+    if not match or int(match[2]) < 1 or int(match[3]) < 2:
+        raise ConfigError(f"calibration variant {text!r} must look like SOURCES/NxL, e.g. topics+code/128x512")
+    return {"variant": text.strip(), "sources": match[1].replace("+", ","), "num_samples": int(match[2]),
+            "seq_len": int(match[3])}
+
+
+def study_rows(config) -> list[dict]:
+    """Every (calibration set, method, dampening) row of the study, in run order."""
+    methods = [m for m in config.methods.split(",") if m]
+    for m in methods:
+        if m not in ("sparsegpt", "wanda", "magnitude"):
+            raise ConfigError(f"unknown method {m!r} in methods; choose from sparsegpt, wanda, magnitude")
+    rows = []
+    for variant in [v for v in config.variants.split(",") if v.strip()]:
+        for method in methods:
+            damp = config.sparsegpt.damp_fraction if method == "sparsegpt" else None
+            rows.append({**parse_variant(variant), "method": method, "damp_fraction": damp})
+    for damp in [float(d) for d in config.damp_fractions.split(",") if d.strip()]:
+        rows.append({**parse_variant(config.damp_variant), "method": "sparsegpt", "damp_fraction": damp})
+    return rows
+
+
+def row_key(row: dict) -> str:
+    return f"{row['variant']}/{row['method']}/{row['damp_fraction']}"
+
+
+def recipe_step(config, row: dict) -> dict:
+    step = {"name": row["method"], "sparsity": config.sparsity, "pattern": config.pattern}
+    if row["method"] == "sparsegpt":
+        step.update(blocksize=config.sparsegpt.blocksize, damp_fraction=row["damp_fraction"])
+    return step
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| calibration set | tokens | method | damp | ppl close | ppl far | compress s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        damp = "" if r["damp_fraction"] is None else f"{r['damp_fraction']:g}"
+        lines.append(f"| {r['variant']} | {r['num_samples'] * r['seq_len']:,} | {r['method']} | {damp} | "
+                     f"{r['perplexity_close']:.2f} | {r['perplexity_far']:.2f} | {r['seconds_compress']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Perplexity vs calibration windows for each method on the windows-only sweep of the first source set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"sparsegpt": "tab:blue", "wanda": "tab:green", "magnitude": "tab:red"}
+    default_damp = {r["damp_fraction"] for r in rows if r["method"] == "sparsegpt"}
+    default_damp = min(default_damp) if default_damp else None
+    base = rows[0]["sources"] if rows else "topics"
+    for ax, text in zip(axes, ("close", "far")):
+        for method, color in colors.items():
+            mine = [r for r in rows if r["method"] == method and r["damp_fraction"] in (None, default_damp)]
+            sweep = sorted((r for r in mine if r["sources"] == base and r["seq_len"] == 512),
+                           key=lambda r: r["num_samples"])
+            if sweep:
+                ax.plot([r["num_samples"] for r in sweep], [r[f"perplexity_{text}"] for r in sweep], "o-",
+                        color=color, label=f"{method} ({base.replace(',', '+')}, 512-token windows)")
+            for r in mine:
+                if r not in sweep:
+                    ax.scatter([r["num_samples"]], [r[f"perplexity_{text}"]], marker="s", color=color)
+                    ax.annotate(r["variant"], (r["num_samples"], r[f"perplexity_{text}"]), fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("calibration windows")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{text}-domain text")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(config, workdir):
+    import os
+
+    import numpy as np
+
+    from llmopt_jax.compress.recipe import from_recipe
+    from llmopt_jax.compress.study import ResumableRows, prune_and_evaluate
+    from llmopt_jax.data.text import (calibration_windows, parse_calibration_sources, python_license_text,
+                                      stdlib_docstrings_text)
+    from llmopt_jax.io.load import load_pretrained
+    from llmopt_jax.jsonio import write_json
+
+    workdir = cli.prepare_workdir(config, workdir)
+    todo = study_rows(config)
+    for row in todo:  # every problem in the config fails here, before the model loads
+        from_recipe([recipe_step(config, row)])
+        parse_calibration_sources(row["sources"])
+    model = load_pretrained(config.model)
+    for row in todo:
+        if row["seq_len"] > model.cfg.max_seq_len:
+            raise ConfigError(f"variant {row['variant']}: windows of {row['seq_len']} tokens exceed the model's "
+                              f"context of {model.cfg.max_seq_len}")
+    tok = model.require_tokenizer()
+    texts = {"close": (np.asarray(tok.encode(stdlib_docstrings_text())), config.eval.close_max_windows),
+             "far": (np.asarray(tok.encode(python_license_text())), config.eval.far_max_windows)}
+
+    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key)
+    for row in todo:
+        if finished.get(row) is not None:
+            continue
+        calib = calibration_windows(tok, "", row["sources"], row["num_samples"], row["seq_len"], config.calib.seed)
+        row = finished.add({**row, **prune_and_evaluate(model, calib, recipe_step(config, row), texts,
+                                                        config.eval.seq_len, config.eval.batch_size,
+                                                        config.calib.batch_size, config.progress)})
+        print(f"{row['variant']:28s} {row['method']:9s} damp={row['damp_fraction']}: close "
+              f"{row['perplexity_close']:7.2f}  far {row['perplexity_far']:7.2f}  ({row['seconds_compress']:.0f} s)",
+              flush=True)
+
+    rows = [finished.get(r) for r in todo]
+    write_json(os.path.join(workdir, "results.json"), {
+        "rows": rows, "sparsity": config.sparsity, "pattern": config.pattern or "unstructured",
+        "close_text": "stdlib docstrings", "far_text": "Python LICENSE.txt", "model": model.path})
+    table = markdown_table(rows)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(table)
+    plot(rows, os.path.join(workdir, "calibration.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    cli.run(main)

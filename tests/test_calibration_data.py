@@ -1,0 +1,64 @@
+"""Calibration text sources, mixed-domain windows and the resumable row store of the compression studies."""
+
+import json
+
+import numpy as np
+import pytest
+
+from llmopt_jax.compress.study import ResumableRows
+from llmopt_jax.data.text import (CALIBRATION_SOURCES, DOCSTRING_MODULES, SOURCE_MODULES, ByteTokenizer,
+                                  calibration_source_text, calibration_windows, mixed_calibration_windows,
+                                  parse_calibration_sources, sample_windows)
+from llmopt_jax.errors import DataError
+
+
+def test_every_source_is_nonempty_text_and_code_never_overlaps_the_eval_modules():
+    for name in CALIBRATION_SOURCES:
+        assert len(calibration_source_text(name)) > 50_000, name
+    assert not set(SOURCE_MODULES) & set(DOCSTRING_MODULES)
+    assert "def " in calibration_source_text("code") and "IDLE" in calibration_source_text("prose")
+
+
+def test_mixed_windows_take_equal_shares_from_each_source():
+    a, b, c = np.zeros(1000, int), np.ones(1000, int), np.full(1000, 2)
+    windows = mixed_calibration_windows([a, b, c], 10, 16, seed=3)
+    assert windows.shape == (10, 16)
+    assert [int((windows[:, 0] == v).sum()) for v in (0, 1, 2)] == [4, 3, 3]
+    # One source alone gives exactly sample_windows' windows: single-domain runs keep their old numbers.
+    tokens = np.arange(5000)
+    np.testing.assert_array_equal(mixed_calibration_windows([tokens], 8, 32, seed=7), sample_windows(tokens, 8, 32, 7))
+    np.testing.assert_array_equal(mixed_calibration_windows([tokens], 8, 32, 7), mixed_calibration_windows([tokens], 8, 32, 7))
+
+
+def test_calibration_windows_from_names_or_file(tmp_path):
+    tok = ByteTokenizer()
+    mixed = calibration_windows(tok, "", "topics,prose", 6, 64, seed=0)
+    assert mixed.shape == (6, 64)
+    path = tmp_path / "calib.txt"
+    path.write_text("abc " * 100)
+    from_file = calibration_windows(tok, str(path), "ignored-when-a-file-is-given", 3, 8, seed=0)
+    assert set(np.unique(from_file)) <= set(b"abc ")
+
+
+@pytest.mark.parametrize("sources, fragment", [("", "calib.sources is empty"), ("topics,news", "unknown calibration source 'news'")])
+def test_bad_sources(sources, fragment):
+    with pytest.raises(DataError, match=fragment):
+        parse_calibration_sources(sources)
+
+
+def test_too_few_windows_for_the_sources():
+    with pytest.raises(DataError, match="cannot cover 3 sources"):
+        mixed_calibration_windows([np.arange(100)] * 3, 2, 8, seed=0)
+
+
+def test_resumable_rows_survive_a_kill_mid_write(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = ResumableRows(str(path), key=lambda r: r["name"])
+    rows.add({"name": "a", "value": 1})
+    rows.add({"name": "b", "value": 2})
+    with open(path, "a") as f:
+        f.write('{"name": "c", "val')  # killed while writing row c
+    again = ResumableRows(str(path), key=lambda r: r["name"])
+    assert again.get({"name": "a"}) == {"name": "a", "value": 1} and again.get({"name": "c"}) is None
+    again.add({"name": "c", "value": 3})
+    assert [json.loads(line)["name"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
