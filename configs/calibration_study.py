@@ -13,9 +13,10 @@ from ml_collections import ConfigDict
 from llmopt_jax.errors import ConfigError
 
 PRESETS = {
-    # Cheapest first; windows 16..512 of 512 tokens; 65,536 tokens as 512x128 / 128x512 / 32x2048; mixed domains.
-    "default": dict(variants="topics/16x512,topics/64x512,topics/128x512,topics+code+prose/128x512,topics/512x128,"
-                             "topics/32x2048,topics+code+prose/512x512,topics/512x512",
+    # The case study's set and its mixed-domain twin first; then windows 16..512 of 512 tokens and 65,536 tokens
+    # cut as 512x128 / 128x512 / 32x2048; the most expensive sets last.
+    "default": dict(variants="topics/128x512,topics+code+prose/128x512,topics/16x512,topics/64x512,topics/512x128,"
+                             "topics/32x2048,topics/512x512,topics+code+prose/512x512",
                     damp_fractions="0.1", damp_variant="topics/128x512", close_windows=32, far_windows=0),
     "smoke": dict(variants="topics/4x64,topics+prose/4x64", damp_fractions="", damp_variant="topics/4x64",
                   close_windows=2, far_windows=2),

@@ -32,13 +32,19 @@ def study_rows(config) -> list[dict]:
     for m in methods:
         if m not in ("sparsegpt", "wanda", "magnitude"):
             raise ConfigError(f"unknown method {m!r} in methods; choose from sparsegpt, wanda, magnitude")
+    damps = [float(d) for d in config.damp_fractions.split(",") if d.strip()]
+    damp_variant = parse_variant(config.damp_variant)["variant"] if damps else None
     rows = []
     for variant in [v for v in config.variants.split(",") if v.strip()]:
+        calib = parse_variant(variant)
         for method in methods:
             damp = config.sparsegpt.damp_fraction if method == "sparsegpt" else None
-            rows.append({**parse_variant(variant), "method": method, "damp_fraction": damp})
-    for damp in [float(d) for d in config.damp_fractions.split(",") if d.strip()]:
-        rows.append({**parse_variant(config.damp_variant), "method": "sparsegpt", "damp_fraction": damp})
+            rows.append({**calib, "method": method, "damp_fraction": damp})
+        if calib["variant"] == damp_variant:  # the dampening rows run right after their calibration set
+            rows.extend({**calib, "method": "sparsegpt", "damp_fraction": d} for d in damps)
+            damp_variant = None
+    if damp_variant is not None:
+        rows.extend({**parse_variant(damp_variant), "method": "sparsegpt", "damp_fraction": d} for d in damps)
     return rows
 
 

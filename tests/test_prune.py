@@ -59,9 +59,9 @@ def test_hessian_and_inverse_cholesky():
     assert np.allclose(np.tril(upper, -1), 0) and not dead.any()
 
 
-@pytest.mark.parametrize("pattern, blocksize", [("", 16), ("", 128), ("2:4", 8), ("4:8", 16)])
+@pytest.mark.parametrize("pattern, blocksize", [("", 16), ("", 128), ("2:4", 8), ("4:8", 16), ("", 4), ("2:4", 4)])
 def test_sparsegpt_equals_numpy_obs_with_the_same_mask(pattern, blocksize):
-    w, x, stats = problem(cols=40)  # 40 columns: a ragged last block for blocksize 16
+    w, x, stats = problem(cols=40)  # ragged last block for blocksize 16; blocksize 4: 10 blocks in 8 segments
     pat = parse_pattern(0.5, pattern)
     pruned, keep = sparsegpt_prune(jnp.asarray(w), stats.hessian, pat, blocksize=blocksize)
     expected = numpy_obs(w, np.asarray(stats.hessian), np.asarray(keep))
