@@ -44,4 +44,5 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.eval.close_max_windows = p["close_windows"]  # 0 = all
     c.eval.far_max_windows = p["far_windows"]
     c.progress = preset == "default"
+    c.report_only = False  # True: table and plot from the rows finished so far, nothing is pruned
     return c

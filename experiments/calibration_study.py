@@ -5,6 +5,7 @@
 Every finished row is appended to WORKDIR/rows.jsonl (a killed run continues where it stopped). At the end:
 results.json, table.md (one line per calibration set: perplexities of each method on both texts) and
 calibration.png (perplexity vs number of calibration windows, the other sets as labelled points).
+``--config.report_only=True`` writes those from the rows finished so far without pruning anything.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def main(config, workdir):
 
     finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key)
     for row in todo:
-        if finished.get(row) is not None:
+        if finished.get(row) is not None or config.report_only:
             continue
         calib = calibration_windows(tok, "", row["sources"], row["num_samples"], row["seq_len"], config.calib.seed)
         row = finished.add({**row, **prune_and_evaluate(model, calib, recipe_step(config, row), texts,
@@ -141,7 +142,7 @@ def main(config, workdir):
               f"{row['perplexity_close']:7.2f}  far {row['perplexity_far']:7.2f}  ({row['seconds_compress']:.0f} s)",
               flush=True)
 
-    rows = [finished.get(r) for r in todo]
+    rows = [finished.get(r) for r in todo if finished.get(r) is not None]
     write_json(os.path.join(workdir, "results.json"), {
         "rows": rows, "sparsity": config.sparsity, "pattern": config.pattern or "unstructured",
         "close_text": "stdlib docstrings", "far_text": "Python LICENSE.txt", "model": model.path})
