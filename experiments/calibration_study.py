@@ -23,6 +23,9 @@ def parse_variant(text: str) -> dict:
     match = VARIANT.match(text.strip())
     if not match or int(match[2]) < 1 or int(match[3]) < 2:
         raise ConfigError(f"calibration variant {text!r} must look like SOURCES/NxL, e.g. topics+code/128x512")
+    if int(match[2]) < len(match[1].split("+")):
+        raise ConfigError(f"calibration variant {text!r}: {match[2]} windows cannot cover {match[1].count('+') + 1} "
+                          "sources")
     return {"variant": text.strip(), "sources": match[1].replace("+", ","), "num_samples": int(match[2]),
             "seq_len": int(match[3])}
 
@@ -33,7 +36,11 @@ def study_rows(config) -> list[dict]:
     for m in methods:
         if m not in ("sparsegpt", "wanda", "magnitude"):
             raise ConfigError(f"unknown method {m!r} in methods; choose from sparsegpt, wanda, magnitude")
-    damps = [float(d) for d in config.damp_fractions.split(",") if d.strip()]
+    try:
+        damps = [float(d) for d in config.damp_fractions.split(",") if d.strip()]
+    except ValueError as e:
+        raise ConfigError(f"damp_fractions={config.damp_fractions!r} must be comma-separated numbers") from e
+    damps = [d for d in dict.fromkeys(damps) if d != config.sparsegpt.damp_fraction]  # no row twice
     damp_variant = parse_variant(config.damp_variant)["variant"] if damps else None
     rows = []
     for variant in [v for v in config.variants.split(",") if v.strip()]:
@@ -53,6 +60,13 @@ def row_key(row: dict) -> str:
     return f"{row['variant']}/{row['method']}/{row['damp_fraction']}"
 
 
+def settings(config) -> dict:
+    """Everything besides the row itself that decides a row's numbers (stored with each row)."""
+    return {"model": config.model, "sparsity": config.sparsity, "pattern": config.pattern,
+            "blocksize": config.sparsegpt.blocksize, "seed": config.calib.seed,
+            "eval": {k: v for k, v in config.eval.to_dict().items() if k != "batch_size"}}
+
+
 def recipe_step(config, row: dict) -> dict:
     step = {"name": row["method"], "sparsity": config.sparsity, "pattern": config.pattern}
     if row["method"] == "sparsegpt":
@@ -69,8 +83,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """Perplexity vs calibration windows for each method on the windows-only sweep of the first source set."""
+def plot(rows: list[dict], path: str, default_damp: float) -> None:
+    """Perplexity vs calibration windows for each method, a line through the sets that share the first row's
+    sources and window length; every other set is a labelled point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,17 +93,15 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"sparsegpt": "tab:blue", "wanda": "tab:green", "magnitude": "tab:red"}
-    default_damp = {r["damp_fraction"] for r in rows if r["method"] == "sparsegpt"}
-    default_damp = min(default_damp) if default_damp else None
-    base = rows[0]["sources"] if rows else "topics"
+    base, base_len = (rows[0]["sources"], rows[0]["seq_len"]) if rows else ("topics", 512)
     for ax, text in zip(axes, ("close", "far")):
         for method, color in colors.items():
             mine = [r for r in rows if r["method"] == method and r["damp_fraction"] in (None, default_damp)]
-            sweep = sorted((r for r in mine if r["sources"] == base and r["seq_len"] == 512),
+            sweep = sorted((r for r in mine if r["sources"] == base and r["seq_len"] == base_len),
                            key=lambda r: r["num_samples"])
             if sweep:
                 ax.plot([r["num_samples"] for r in sweep], [r[f"perplexity_{text}"] for r in sweep], "o-",
-                        color=color, label=f"{method} ({base.replace(',', '+')}, 512-token windows)")
+                        color=color, label=f"{method} ({base.replace(',', '+')}, {base_len}-token windows)")
             for r in mine:
                 if r not in sweep:
                     ax.scatter([r["num_samples"]], [r[f"perplexity_{text}"]], marker="s", color=color)
@@ -110,9 +123,8 @@ def main(config, workdir):
     import numpy as np
 
     from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.compress.study import ResumableRows, prune_and_evaluate
-    from llmopt_jax.data.text import (calibration_windows, parse_calibration_sources, python_license_text,
-                                      stdlib_docstrings_text)
+    from llmopt_jax.compress.study import ResumableRows, eval_texts, print_row, prune_and_evaluate
+    from llmopt_jax.data.text import calibration_source_text, mixed_calibration_windows, parse_calibration_sources
     from llmopt_jax.io.load import load_pretrained
     from llmopt_jax.jsonio import write_json
 
@@ -121,35 +133,35 @@ def main(config, workdir):
     for row in todo:  # every problem in the config fails here, before the model loads
         from_recipe([recipe_step(config, row)])
         parse_calibration_sources(row["sources"])
-    model = load_pretrained(config.model)
-    for row in todo:
-        if row["seq_len"] > model.cfg.max_seq_len:
-            raise ConfigError(f"variant {row['variant']}: windows of {row['seq_len']} tokens exceed the model's "
-                              f"context of {model.cfg.max_seq_len}")
-    tok = model.require_tokenizer()
-    texts = {"close": (np.asarray(tok.encode(stdlib_docstrings_text())), config.eval.close_max_windows),
-             "far": (np.asarray(tok.encode(python_license_text())), config.eval.far_max_windows)}
-
-    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key)
-    for row in todo:
-        if finished.get(row) is not None or config.report_only:
-            continue
-        calib = calibration_windows(tok, "", row["sources"], row["num_samples"], row["seq_len"], config.calib.seed)
-        row = finished.add({**row, **prune_and_evaluate(model, calib, recipe_step(config, row), texts,
-                                                        config.eval.seq_len, config.eval.batch_size,
-                                                        config.calib.batch_size, config.progress)})
-        print(f"{row['variant']:28s} {row['method']:9s} damp={row['damp_fraction']}: close "
-              f"{row['perplexity_close']:7.2f}  far {row['perplexity_far']:7.2f}  ({row['seconds_compress']:.0f} s)",
-              flush=True)
+    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings(config))
+    if not config.report_only:
+        model = load_pretrained(config.model)
+        for row in todo:
+            if row["seq_len"] > model.cfg.max_seq_len:
+                raise ConfigError(f"variant {row['variant']}: windows of {row['seq_len']} tokens exceed the model's "
+                                  f"context of {model.cfg.max_seq_len}")
+        tok = model.require_tokenizer()
+        names = sorted({n for row in todo for n in row["sources"].split(",")})
+        sources = {n: np.asarray(tok.encode(calibration_source_text(n))) for n in names}  # each tokenized once
+        texts = eval_texts(tok, "", "", config.eval.close_max_windows, config.eval.far_max_windows)
+        for row in todo:
+            if finished.get(row) is not None:
+                continue
+            calib = mixed_calibration_windows([sources[n] for n in row["sources"].split(",")], row["num_samples"],
+                                              row["seq_len"], config.calib.seed)
+            row = finished.add({**row, **prune_and_evaluate(model, calib, recipe_step(config, row), texts,
+                                                            config.eval.seq_len, config.eval.batch_size,
+                                                            config.calib.batch_size, config.progress)})
+            print_row(f"{row['variant']:28s} {row['method']:9s} damp={row['damp_fraction']}", row)
 
     rows = [finished.get(r) for r in todo if finished.get(r) is not None]
     write_json(os.path.join(workdir, "results.json"), {
         "rows": rows, "sparsity": config.sparsity, "pattern": config.pattern or "unstructured",
-        "close_text": "stdlib docstrings", "far_text": "Python LICENSE.txt", "model": model.path})
+        "close_text": "stdlib docstrings", "far_text": "Python LICENSE.txt", "model": config.model})
     table = markdown_table(rows)
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(table)
-    plot(rows, os.path.join(workdir, "calibration.png"))
+    plot(rows, os.path.join(workdir, "calibration.png"), config.sparsegpt.damp_fraction)
     print(table)
 
 

@@ -5,7 +5,8 @@
 
 Writes WORKDIR/config.json, layers.json (per matrix: shape, sparsity, relative reconstruction error, seconds)
 and results.json: method, perplexity, num_eval_tokens, sparsity (measured fraction of zeros over all pruned
-matrices), bits_per_weight, model_bytes, seconds_compress, plus calibration and evaluation sizes.
+matrices), bits_per_weight, model_bytes, seconds_compress, plus calibration (calib_windows, calib_seq_len,
+calib_text) and evaluation sizes.
 """
 
 from llmopt_jax import cli

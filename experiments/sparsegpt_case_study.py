@@ -66,15 +66,21 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def settings(config) -> dict:
+    """Everything besides the row itself that decides a row's numbers (stored with each row)."""
+    def without_batch(d):  # batch sizes change speed, not results
+        return {k: v for k, v in d.to_dict().items() if k != "batch_size"}
+
+    return {"model": config.model, "calib": without_batch(config.calib), "sparsegpt": config.sparsegpt.to_dict(),
+            "eval": without_batch(config.eval)}
+
+
 def main(config, workdir):
     import os
 
-    import numpy as np
-
     from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.compress.study import ResumableRows, prune_and_evaluate
-    from llmopt_jax.data.text import (calibration_windows, load_texts, parse_calibration_sources,
-                                      python_license_text, stdlib_docstrings_text)
+    from llmopt_jax.compress.study import ResumableRows, eval_texts, print_row, prune_and_evaluate
+    from llmopt_jax.data.text import calibration_windows, load_texts, parse_calibration_sources
     from llmopt_jax.io.load import load_pretrained
     from llmopt_jax.jsonio import write_json
 
@@ -83,20 +89,18 @@ def main(config, workdir):
     for row in todo:  # validate every step before anything slow happens
         if row["method"] != "dense":
             from_recipe([recipe_step(config, row)])
-    if not config.calib.text_file:
+    if config.calib.text_file:
+        load_texts(config.calib.text_file)
+    else:
         parse_calibration_sources(config.calib.sources)
+    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings(config))
     model = load_pretrained(config.model)
     tok = model.require_tokenizer()
-    texts = {
-        "close": (np.asarray(tok.encode(load_texts(config.eval.close_text_file) if config.eval.close_text_file
-                                        else stdlib_docstrings_text())), config.eval.close_max_windows),
-        "far": (np.asarray(tok.encode(load_texts(config.eval.far_text_file) if config.eval.far_text_file
-                                      else python_license_text())), config.eval.far_max_windows),
-    }
+    texts = eval_texts(tok, config.eval.close_text_file, config.eval.far_text_file, config.eval.close_max_windows,
+                       config.eval.far_max_windows)
     calib = calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,
                                 config.calib.seq_len, config.calib.seed)
 
-    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key)
     for row in todo:
         if finished.get(row) is not None:
             continue
@@ -104,8 +108,7 @@ def main(config, workdir):
         row = finished.add({**row, **prune_and_evaluate(model, calib, step, texts, config.eval.seq_len,
                                                         config.eval.batch_size, config.calib.batch_size,
                                                         config.progress)})
-        print(f"{row['method']:9s} {row['pattern']:12s} {row['sparsity_target']:.0%}: close {row['perplexity_close']:8.2f}"
-              f"  far {row['perplexity_far']:8.2f}  ({row['seconds_compress']:.0f} s)", flush=True)
+        print_row(f"{row['method']:9s} {row['pattern']:12s} {row['sparsity_target']:.0%}", row)
 
     rows = [finished.get(r) for r in todo]
     write_json(os.path.join(workdir, "results.json"), {

@@ -15,6 +15,19 @@ def test_parse_variant():
     for bad in ("topics/128", "topics:128x512", "topics/0x512", "Topics/4x4"):
         with pytest.raises(ConfigError, match="must look like SOURCES/NxL"):
             parse_variant(bad)
+    with pytest.raises(ConfigError, match="2 windows cannot cover 3 sources"):
+        parse_variant("topics+code+prose/2x64")
+
+
+def test_study_rows_dampening_after_its_set_and_never_twice():
+    from configs.calibration_study import get_config
+    from experiments.calibration_study import study_rows
+
+    c = get_config("smoke")
+    c.damp_fractions, c.damp_variant = "0.1,0.01,0.1", "topics/4x64"
+    keys = [(r["variant"], r["method"], r["damp_fraction"]) for r in study_rows(c)]
+    assert keys == [("topics/4x64", "sparsegpt", 0.01), ("topics/4x64", "wanda", None), ("topics/4x64", "sparsegpt", 0.1),
+                    ("topics+prose/4x64", "sparsegpt", 0.01), ("topics+prose/4x64", "wanda", None)]
 
 
 @pytest.mark.slow
@@ -43,6 +56,7 @@ def test_smoke_study_runs_and_resumes(tmp_path):
     ("--config.variants=topics/4", "must look like SOURCES/NxL"),
     ("--config.methods=sparsegpt,obs", "unknown method 'obs'"),
     ("--config.sparsity=1.0", "sparsity must be in [0, 1)"),
+    ("--config.damp_fractions=0.1,x", "damp_fractions='0.1,x' must be comma-separated numbers"),
 ])
 def test_bad_config_one_line(tmp_path, override, fragment):
     proc = run_cli(["experiments.calibration_study", "--config=configs/calibration_study.py:smoke", override,

@@ -179,12 +179,13 @@ def sparsegpt_prune(
         def column(i, state, d_sub, u_sub, offset):
             w_sub, q_sub, err_sub, keep_sub = state
             if pattern.is_nm:
-                start = i - i % pattern.m
-                group = jax.lax.dynamic_slice(w_sub, (0, start), (rows, pattern.m)) ** 2
-                group = group / jax.lax.dynamic_slice(d_sub, (start,), (pattern.m,))[None, :] ** 2
+                group_start = i - i % pattern.m
+                group = jax.lax.dynamic_slice(w_sub, (0, group_start), (rows, pattern.m)) ** 2
+                group = group / jax.lax.dynamic_slice(d_sub, (group_start,), (pattern.m,))[None, :] ** 2
                 new = _nm_keep(group, pattern.n, pattern.m)
-                old = jax.lax.dynamic_slice(keep_sub, (0, start), (rows, pattern.m))
-                keep_sub = jax.lax.dynamic_update_slice(keep_sub, jnp.where(i % pattern.m == 0, new, old), (0, start))
+                old = jax.lax.dynamic_slice(keep_sub, (0, group_start), (rows, pattern.m))
+                keep_sub = jax.lax.dynamic_update_slice(keep_sub, jnp.where(i % pattern.m == 0, new, old),
+                                                        (0, group_start))
             col = jax.lax.dynamic_slice(w_sub, (0, i), (rows, 1))[:, 0]
             kept = jax.lax.dynamic_slice(keep_sub, (0, i), (rows, 1))[:, 0]
             q = jnp.where(kept, col, 0.0)

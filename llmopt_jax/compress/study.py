@@ -9,35 +9,67 @@ from typing import Any, Callable
 
 import numpy as np
 
+from llmopt_jax.errors import ConfigError, DataError
+
 
 class ResumableRows:
-    """Finished rows, keyed by ``key(row)``, appended one JSON line each to ``path`` as they finish."""
+    """Finished rows, keyed by ``key(row)``, appended one JSON line each to ``path`` as they finish.
 
-    def __init__(self, path: str, key: Callable[[dict], str]):
+    Every row carries ``settings`` (whatever else decides its numbers: model, calibration, evaluation); rows on
+    disk made with other settings are refused instead of being reused under the wrong label.
+    """
+
+    def __init__(self, path: str, key: Callable[[dict], str], settings: dict):
         self.path = path
         self.key = key
+        self.settings = json.loads(json.dumps(settings))  # the form it takes after a round trip through JSON
         self.done: dict[str, dict] = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                text = f.read()
-            complete, _, partial = text.rpartition("\n")
-            if partial:  # a run killed mid-write: drop the unfinished row, it is computed again
-                with open(path, "w") as f:
-                    f.write(complete + "\n" if complete else "")
-            for line in complete.splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.done[key(row)] = row
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.read().split("\n")
+        for number, line in enumerate(lines[:-1], 1):  # the last piece is "" or a row killed mid-write
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row_key = key(row)
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{number} is not a row of this study ({e}); use another workdir") from e
+            if row.get("settings") != self.settings:
+                raise ConfigError(f"{path}:{number} was computed with other settings ({row.get('settings')}); "
+                                  f"now {self.settings}: use another workdir")
+            self.done[row_key] = row
 
     def get(self, row: dict) -> dict | None:
         """The finished row with the same key as ``row``, or None."""
         return self.done.get(self.key(row))
 
     def add(self, row: dict) -> dict:
-        with open(self.path, "a") as f:  # one line per finished row: the resume point
+        """Appends ``row`` (with the settings) as one line; returns the stored row."""
+        row = {**row, "settings": self.settings}
+        with open(self.path, "a+") as f:
+            f.seek(0)
+            text = f.read()
+        if text and not text.endswith("\n"):  # drop a row that a killed run left half-written
+            with open(self.path, "w") as f:
+                f.write(text[: text.rfind("\n") + 1])
+        with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.done[self.key(row)] = row
         return row
+
+
+def eval_texts(tokenizer, close_file: str, far_file: str, close_max_windows: int,
+               far_max_windows: int) -> dict[str, tuple[np.ndarray, int]]:
+    """``{"close": (tokens, max_windows), "far": ...}``: the files when given, else standard-library docstrings
+    (close to the ``pydoc_data.topics`` calibration text) and Python's LICENSE.txt (far from it)."""
+    from llmopt_jax.data.text import load_texts, python_license_text, stdlib_docstrings_text
+
+    close = load_texts(close_file) if close_file else stdlib_docstrings_text()
+    far = load_texts(far_file) if far_file else python_license_text()
+    return {"close": (np.asarray(tokenizer.encode(close)), close_max_windows),
+            "far": (np.asarray(tokenizer.encode(far)), far_max_windows)}
 
 
 def prune_and_evaluate(model, calib: np.ndarray | None, step: dict | None, texts: dict[str, tuple[np.ndarray, int]],
@@ -66,3 +98,9 @@ def prune_and_evaluate(model, calib: np.ndarray | None, step: dict | None, texts
         row[f"perplexity_{name}"] = result.perplexity
         row[f"num_eval_tokens_{name}"] = result.num_eval_tokens
     return row
+
+
+def print_row(label: str, row: dict) -> None:
+    """One progress line per finished row."""
+    print(f"{label}: close {row['perplexity_close']:9.2f}  far {row['perplexity_far']:9.2f}  "
+          f"({row['seconds_compress']:.0f} s to compress)", flush=True)

@@ -92,8 +92,6 @@ SOURCE_MODULES = (
     "xml.dom.minidom",
 )
 
-# IDLE's change logs, READMEs and notes: informal English prose that ships inside the standard library.
-IDLE_PROSE_FILES = ("README.txt", "NEWS.txt", "NEWS2x.txt", "HISTORY.txt", "TODO.txt", "CREDITS.txt", "extend.txt")
 
 
 def stdlib_source_text() -> str:
@@ -101,19 +99,23 @@ def stdlib_source_text() -> str:
     import importlib
     import inspect
 
-    return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in SOURCE_MODULES)
+    try:
+        return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in SOURCE_MODULES)
+    except (OSError, TypeError) as e:  # a Python installed without its .py files
+        raise DataError(f"the standard library's source is not installed ({e}); use another calibration source") from e
 
 
 def idle_prose_text() -> str:
-    """IDLE's READMEs, change logs and notes (:data:`IDLE_PROSE_FILES` from the installed ``idlelib``)."""
+    """IDLE's READMEs, change logs and notes: every ``*.txt`` of the installed ``idlelib`` (names vary between
+    Python versions), in sorted order."""
+    import glob
     import sysconfig
 
-    folder = os.path.join(sysconfig.get_paths()["stdlib"], "idlelib")
-    paths = [os.path.join(folder, name) for name in IDLE_PROSE_FILES]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise DataError(f"idlelib's text files are not installed ({missing[0]} is missing); use another source")
-    return load_texts(paths)
+    paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "idlelib", "*.txt")))
+    text = load_texts(paths) if paths else ""
+    if len(text) < 20_000:
+        raise DataError("idlelib's text files are not installed (this Python has no IDLE); use another source")
+    return text
 
 
 # Calibration text sources by name: one domain each. ``mixed_calibration_windows`` draws equal shares.
