@@ -91,21 +91,24 @@ def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude(pattern):
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
 
 
-@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.8])
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.8])
 def test_unstructured_sparsity_is_exact(sparsity):
-    w, x, stats = problem(rows=32, cols=200)
+    w, x, stats = problem(rows=32, cols=198)  # 198 * 0.3 is not a whole number of weights per row
     pat = parse_pattern(sparsity)
-    for pruned, keep in (
-        magnitude_prune(jnp.asarray(w), pat),
-        wanda_prune(jnp.asarray(w), stats.column_norms, pat),
-        sparsegpt_prune(jnp.asarray(w), stats.hessian, pat, blocksize=64),
-    ):
-        zeros = 1 - np.asarray(keep).mean()
-        assert abs(zeros - sparsity) < 1e-3 + 1 / w.size * 4  # floor() per block: at most a few weights off
+    dropped = {}
+    for name, (pruned, keep) in {
+        "magnitude": magnitude_prune(jnp.asarray(w), pat),
+        "wanda": wanda_prune(jnp.asarray(w), stats.column_norms, pat),
+        "sparsegpt": sparsegpt_prune(jnp.asarray(w), stats.hessian, pat, blocksize=64),
+    }.items():
+        dropped[name] = int((~np.asarray(keep)).sum())
         assert ((np.asarray(pruned) == 0) | np.asarray(keep)).all()
-    # Wanda prunes the same count in every row.
+    target = int(np.floor(sparsity * w.size))
+    assert dropped["magnitude"] == dropped["wanda"] == target
+    assert target - 4 <= dropped["sparsegpt"] <= target  # floor() in each of the 4 mask blocks
+    # Wanda's comparison groups are rows: every row drops k or k + 1 weights.
     _, keep = wanda_prune(jnp.asarray(w), stats.column_norms, pat)
-    assert len(set(np.asarray(keep).sum(1).tolist())) == 1
+    assert np.ptp(np.asarray(keep).sum(1)) <= 1
 
 
 @pytest.mark.parametrize("pattern, n, m", [("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4)])

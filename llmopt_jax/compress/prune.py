@@ -109,8 +109,12 @@ def mask_from_metric(metric: jax.Array, pattern: SparsityPattern, per_row: bool)
     if pattern.is_nm:
         return _nm_keep(metric, pattern.n, pattern.m)
     if per_row:
-        k = int(math.floor(pattern.sparsity * metric.shape[1]))
-        return jax.vmap(lambda row: _drop_smallest(row, k))(metric)
+        # Every row drops k or k + 1 entries so that the matrix as a whole drops floor(sparsity * size) exactly
+        # (a plain floor per row would fall up to one weight per row short of the target).
+        rows, cols = metric.shape
+        total = int(math.floor(pattern.sparsity * rows * cols))
+        counts = total // rows + (jnp.arange(rows) < total % rows)
+        return jax.vmap(_drop_smallest)(metric, counts)
     return _drop_smallest(metric, int(math.floor(pattern.sparsity * metric.size)))
 
 
