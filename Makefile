@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(PY) -m experiments.perplexity --config=configs/perplexity.py:smollm2 --workdir=$(WORKDIR)/perplexity_smollm2
 	$(PY) -m experiments.generate --config=configs/generate.py:smollm2 --workdir=$(WORKDIR)/generate_smollm2 \
 	  --config.prompt="Explain in two sentences what a Python list is."
+	$(PY) -m experiments.compress --config=configs/compress.py:smoke --config.pattern=2:4 \
+	  --workdir=$(WORKDIR)/compress_smoke
 
 clean:
 	rm -rf $(VENV) runs

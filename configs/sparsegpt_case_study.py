@@ -30,6 +30,8 @@ def get_config(preset: str = "default") -> ConfigDict:
 
     c.calib = ConfigDict()
     c.calib.text_file = ""  # UTF-8 file(s), comma-separated; empty = the named sources below
+    # One domain, as in the paper's protocol (its C4 is one distribution): the study is how methods rank under it.
+    # configs/compress.py defaults to the mixed set that experiments/calibration_study.py found more robust.
     c.calib.sources = "topics"  # comma-separated names of llmopt_jax.data.text.CALIBRATION_SOURCES, equal shares
     c.calib.num_samples = p["num_samples"]
     c.calib.seq_len = p["seq_len"]

@@ -102,10 +102,12 @@ def plot(rows: list[dict], path: str, default_damp: float) -> None:
             if sweep:
                 ax.plot([r["num_samples"] for r in sweep], [r[f"perplexity_{text}"] for r in sweep], "o-",
                         color=color, label=f"{method} ({base.replace(',', '+')}, {base_len}-token windows)")
-            for r in mine:
-                if r not in sweep:
-                    ax.scatter([r["num_samples"]], [r[f"perplexity_{text}"]], marker="s", color=color)
-                    ax.annotate(r["variant"], (r["num_samples"], r[f"perplexity_{text}"]), fontsize=7)
+            for r in (r for r in rows if r["method"] == method and r not in sweep):
+                other_damp = r["damp_fraction"] not in (None, default_damp)
+                label = r["variant"] + (f" damp {r['damp_fraction']:g}" if other_damp else "")
+                ax.scatter([r["num_samples"]], [r[f"perplexity_{text}"]], marker="^" if other_damp else "s",
+                           color=color)
+                ax.annotate(label, (r["num_samples"], r[f"perplexity_{text}"]), fontsize=7)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("calibration windows")
         ax.set_ylabel("perplexity")
