@@ -182,14 +182,6 @@ def sparsegpt_prune(
         # the [rows, bs] block).
         def column(i, state, d_sub, u_sub, offset):
             w_sub, q_sub, err_sub, keep_sub = state
-            if pattern.is_nm:
-                group_start = i - i % pattern.m
-                group = jax.lax.dynamic_slice(w_sub, (0, group_start), (rows, pattern.m)) ** 2
-                group = group / jax.lax.dynamic_slice(d_sub, (group_start,), (pattern.m,))[None, :] ** 2
-                new = _nm_keep(group, pattern.n, pattern.m)
-                old = jax.lax.dynamic_slice(keep_sub, (0, group_start), (rows, pattern.m))
-                keep_sub = jax.lax.dynamic_update_slice(keep_sub, jnp.where(i % pattern.m == 0, new, old),
-                                                        (0, group_start))
             col = jax.lax.dynamic_slice(w_sub, (0, i), (rows, 1))[:, 0]
             kept = jax.lax.dynamic_slice(keep_sub, (0, i), (rows, 1))[:, 0]
             q = jnp.where(kept, col, 0.0)
@@ -202,13 +194,26 @@ def sparsegpt_prune(
             err_sub = jax.lax.dynamic_update_slice(err_sub, err[:, None], (0, i))
             return w_sub, q_sub, err_sub, keep_sub
 
+        def group(g, state, d_sub, u_sub, offset):
+            # N:M: a group's mask is chosen from its weights as updated when its first column is reached.
+            w_sub, q_sub, err_sub, keep_sub = state
+            first = g * pattern.m
+            metric = jax.lax.dynamic_slice(w_sub, (0, first), (rows, pattern.m)) ** 2
+            metric = metric / jax.lax.dynamic_slice(d_sub, (first,), (pattern.m,))[None, :] ** 2
+            keep_sub = jax.lax.dynamic_update_slice(keep_sub, _nm_keep(metric, pattern.n, pattern.m), (0, first))
+            state = (w_sub, q_sub, err_sub, keep_sub)
+            for t in range(pattern.m):
+                state = column(first + t, state, d_sub, u_sub, offset)
+            return state
+
+        step, steps = (group, sub // pattern.m) if pattern.is_nm else (column, sub)
         q_parts, err_parts, keep_parts = [], [], []
         for j in range(0, bs, sub):
             zeros = jnp.zeros((rows, sub), jnp.float32)
-            body = functools.partial(column, d_sub=d[j : j + sub], u_sub=u1[j : j + sub, j : j + sub],
+            body = functools.partial(step, d_sub=d[j : j + sub], u_sub=u1[j : j + sub, j : j + sub],
                                      offset=start + i1 + j)
             _, q_sub, err_sub, keep_sub = jax.lax.fori_loop(
-                0, sub, body, (w1[:, j : j + sub], zeros, zeros, keep1[:, j : j + sub])
+                0, steps, body, (w1[:, j : j + sub], zeros, zeros, keep1[:, j : j + sub])
             )
             if j + sub < bs:
                 w1 = w1.at[:, j + sub :].add(-jnp.matmul(err_sub, u1[j : j + sub, j + sub :], precision=HIGHEST))
