@@ -63,13 +63,6 @@ def pattern_key(pattern) -> str:
     return f"{pattern.n}of{pattern.m}" if pattern.is_nm else "unstructured"
 
 
-def relative_error(w, new_w, hessian) -> float:
-    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` (the engine's measure) for NumPy or JAX arrays."""
-    from llmopt_jax.compress.calibrate import relative_reconstruction_error
-
-    return relative_reconstruction_error(w, new_w, hessian)
-
-
 def random_problem(n: int, tokens: int, seed: int):
     """``W`` ``[n, n]`` and ``H = 2XᵀX/N`` for inputs with strongly correlated features of uneven scales."""
     import jax
@@ -150,6 +143,7 @@ def main(config, workdir):
     import jax
     import numpy as np
 
+    from llmopt_jax.compress.calibrate import relative_reconstruction_error
     from llmopt_jax.compress.prune import parse_pattern, sparsegpt_prune
     from llmopt_jax.errors import ConfigError
     from llmopt_jax.jsonio import write_json
@@ -202,13 +196,14 @@ def main(config, workdir):
             ours_s = statistics.median(ours_runs)
             row = dict(kind="matrix", size=n, pattern=str(pat), key=key, ours_seconds=ours_s,
                        ours_compile_seconds=max(first - ours_s, 0.0), ours_runs=ours_runs,
-                       ours_relative_error=relative_error(w, ours_out[0], h), torch_seconds=None, torch_threads=None,
+                       ours_relative_error=relative_reconstruction_error(w, ours_out[0], h), torch_seconds=None,
+                       torch_threads=None,
                        torch_seconds_by_threads=None, torch_relative_error=None, mask_agreement=None, speedup=None)
             if timer:
                 torch_s, threads, by_threads = timer.summary(torch_times)
                 keep_t = torch_out[1].numpy()
                 row.update(torch_seconds=torch_s, torch_threads=threads, torch_seconds_by_threads=by_threads,
-                           torch_relative_error=relative_error(w, torch_out[0].numpy(), h),
+                           torch_relative_error=relative_reconstruction_error(w, torch_out[0].numpy(), h),
                            mask_agreement=float(np.mean(np.asarray(ours_out[1]) == keep_t)), speedup=torch_s / ours_s)
             rows.append(row)
             report_row(row)
@@ -249,7 +244,7 @@ def model_row(config, timer, solve_ours):
     import jax
     import numpy as np
 
-    from llmopt_jax.compress.calibrate import compress_sequentially
+    from llmopt_jax.compress.calibrate import compress_sequentially, relative_reconstruction_error
     from llmopt_jax.compress.prune import parse_pattern
     from llmopt_jax.compress.recipe import sparsegpt
     from llmopt_jax.data.text import default_text, sample_windows
@@ -315,7 +310,7 @@ def model_row(config, timer, solve_ours):
         if timer:
             torch_out = timer.run(torch_times, lambda: torch_pass(tensors))
     ours_warm = statistics.median(ours_passes)
-    ours_errors = [relative_error(p["w"], o[0], p["h"]) for p, o in zip(problems, ours_out)]
+    ours_errors = [relative_reconstruction_error(p["w"], o[0], p["h"]) for p, o in zip(problems, ours_out)]
     row = dict(kind="model", size=None, pattern=str(pat), key="model", model=config.model,
                model_num_matrices=len(problems), model_num_blocks=cfg.num_layers, ours_model_seconds=report["seconds"],
                ours_model_solver_seconds=sum(p["seconds"] for p in problems),
@@ -326,7 +321,8 @@ def model_row(config, timer, solve_ours):
                ours_seconds=ours_warm, torch_seconds=None, speedup=None)
     if timer:
         torch_s, threads, by_threads = timer.summary(torch_times)
-        torch_errors = [relative_error(p["w"], t[0].numpy(), p["h"]) for p, t in zip(problems, torch_out)]
+        torch_errors = [relative_reconstruction_error(p["w"], t[0].numpy(), p["h"])
+                        for p, t in zip(problems, torch_out)]
         agree = sum(int(np.sum(np.asarray(o[1]) == t[1].numpy())) for o, t in zip(ours_out, torch_out))
         row.update(torch_model_solver_seconds=torch_s, torch_model_threads=threads, torch_seconds_by_threads=by_threads,
                    torch_first_block_seconds_by_threads=probe_seconds,

@@ -22,7 +22,7 @@ def main(config, workdir):
     from llmopt_jax.compress.calibrate import compress_sequentially, measured_sparsity
     from llmopt_jax.compress.prune import parse_pattern
     from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.data.text import calibration_windows, load_texts, parse_calibration_sources, stdlib_docstrings_text
+    from llmopt_jax.data.text import calibration_windows, check_calibration_text, load_texts, stdlib_docstrings_text
     from llmopt_jax.errors import ConfigError
     from llmopt_jax.eval.perplexity import evaluate_perplexity
     from llmopt_jax.infer.roofline import tree_bytes
@@ -40,10 +40,7 @@ def main(config, workdir):
         step.update(blocksize=config.sparsegpt.blocksize, damp_fraction=config.sparsegpt.damp_fraction)
     transform = None if config.method == "dense" else from_recipe([step])  # validates before the model loads
     eval_text = load_texts(config.eval.text_file) if config.eval.text_file else stdlib_docstrings_text()
-    if config.calib.text_file:
-        load_texts(config.calib.text_file)  # a missing or non-UTF-8 file fails before the model loads
-    else:
-        parse_calibration_sources(config.calib.sources)
+    check_calibration_text(config.calib.text_file, config.calib.sources)  # fails before the model loads
 
     model = load_pretrained(config.model)
     tok = model.require_tokenizer()

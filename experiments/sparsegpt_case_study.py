@@ -80,7 +80,7 @@ def main(config, workdir):
 
     from llmopt_jax.compress.recipe import from_recipe
     from llmopt_jax.compress.study import ResumableRows, eval_texts, print_row, prune_and_evaluate
-    from llmopt_jax.data.text import calibration_windows, load_texts, parse_calibration_sources
+    from llmopt_jax.data.text import calibration_windows, check_calibration_text
     from llmopt_jax.io.load import load_pretrained
     from llmopt_jax.jsonio import write_json
 
@@ -89,10 +89,7 @@ def main(config, workdir):
     for row in todo:  # validate every step before anything slow happens
         if row["method"] != "dense":
             from_recipe([recipe_step(config, row)])
-    if config.calib.text_file:
-        load_texts(config.calib.text_file)
-    else:
-        parse_calibration_sources(config.calib.sources)
+    check_calibration_text(config.calib.text_file, config.calib.sources)
     finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings(config))
     model = load_pretrained(config.model)
     tok = model.require_tokenizer()

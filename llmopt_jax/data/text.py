@@ -154,6 +154,15 @@ def parse_calibration_sources(sources: str) -> list[str]:
     return names
 
 
+def check_calibration_text(text_file: str, sources: str) -> None:
+    """Raises :class:`DataError` for what :func:`calibration_windows` would fail on (a missing or non-UTF-8
+    ``text_file``, an unknown source name) before anything slow, such as loading a model, happens."""
+    if text_file:
+        load_texts(text_file)
+    else:
+        parse_calibration_sources(sources)
+
+
 def calibration_windows(tokenizer: Tokenizer, text_file: str, sources: str, num: int, length: int,
                         seed: int) -> np.ndarray:
     """Calibration windows ``[num, length]``: from ``text_file`` (comma-separated paths) when given, else equal
