@@ -39,6 +39,8 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))
     c.calib = ConfigDict(dict(seed=0, batch_size=8))
     c.eval = ConfigDict()
+    c.eval.close_text_file = ""  # empty = standard-library docstrings (close to the topics)
+    c.eval.far_text_file = ""  # empty = Python's LICENSE.txt (legal English)
     c.eval.seq_len = 512 if preset == "default" else 128
     c.eval.batch_size = 4
     c.eval.close_max_windows = p["close_windows"]  # 0 = all

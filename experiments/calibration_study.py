@@ -145,7 +145,8 @@ def main(config, workdir):
         tok = model.require_tokenizer()
         names = sorted({n for row in todo for n in row["sources"].split(",")})
         sources = {n: np.asarray(tok.encode(calibration_source_text(n))) for n in names}  # each tokenized once
-        texts = eval_texts(tok, "", "", config.eval.close_max_windows, config.eval.far_max_windows)
+        texts = eval_texts(tok, config.eval.close_text_file, config.eval.far_text_file, config.eval.close_max_windows,
+                           config.eval.far_max_windows)
         for row in todo:
             if finished.get(row) is not None:
                 continue
@@ -159,7 +160,8 @@ def main(config, workdir):
     rows = [finished.get(r) for r in todo if finished.get(r) is not None]
     write_json(os.path.join(workdir, "results.json"), {
         "rows": rows, "sparsity": config.sparsity, "pattern": config.pattern or "unstructured",
-        "close_text": "stdlib docstrings", "far_text": "Python LICENSE.txt", "model": config.model})
+        "close_text": config.eval.close_text_file or "stdlib docstrings",
+        "far_text": config.eval.far_text_file or "Python LICENSE.txt", "model": config.model})
     table = markdown_table(rows)
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(table)
