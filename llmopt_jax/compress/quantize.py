@@ -1,0 +1,280 @@
+"""Weight quantization as pure transforms: grids, round-to-nearest (RTN) and GPTQ.
+
+Matrices are in the papers' layout ``W`` float32 ``[rows = outputs, cols = inputs]``. A :class:`QuantGrid` says
+how values are rounded: ``bits`` in 2..8, symmetric or asymmetric, and one scale per tensor, per output row
+(channel) or per group of ``group_size`` consecutive inputs of a row.
+
+- symmetric: ``w ≈ d·q`` with ``q`` in ``[-2^(b-1), 2^(b-1)-1]`` and ``d = m / -2^(b-1)``, ``m`` the group's
+  value of largest magnitude (llama.cpp's Q4_0/Q8_0 rule: every level is used and 0 is exact, so a pruned
+  weight stays zero).
+- asymmetric: ``w ≈ d·q + o`` with ``q`` in ``[0, 2^b-1]``, ``d = (max - min) / (2^b - 1)``, ``o = min``
+  (llama.cpp's Q4_1 rule; 0 is generally *not* on the grid).
+
+Scales and offsets are rounded to float16 before the codes are chosen, because float16 is how they are stored
+(``compress/packed.py``, GGUF): the dequantized values here are exactly what a packed model computes with.
+
+GPTQ (Frantar et al., 2022) quantizes the columns left to right and spreads each column's rounding error
+over the columns not yet visited with the upper Cholesky factor of the damped inverse Hessian, in blocks of
+``blocksize`` columns whose updates to later blocks are batched into one matmul (lazy updates). With
+``act_order`` the columns are visited in order of decreasing ``H_jj`` and the permutation is undone at the
+end. Group scales are fitted when a group's first column is reached, from the weights as updated so far, or
+from the original weights up front with ``static_groups`` (implied by ``act_order``, so that groups stay
+contiguous runs of inputs in storage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from llmopt_jax.compress.hessian import damped_inverse_cholesky
+from llmopt_jax.errors import ConfigError
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantGrid:
+    """How weights are rounded. ``group_size`` > 0: groups of that many inputs; 0 or -1: one group per row."""
+
+    bits: int = 4
+    group_size: int = -1
+    symmetric: bool = False
+    per_tensor: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits must be an integer in 2..8, got {self.bits!r}")
+        if self.group_size < -1:
+            raise ConfigError(f"group_size must be > 0, or 0 / -1 for per-channel, got {self.group_size}")
+        if self.per_tensor and self.group_size > 0:
+            raise ConfigError("a per-tensor grid has no groups: leave group_size at -1")
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        """Smallest and largest integer code."""
+        if self.symmetric:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+    @property
+    def code_dtype(self):
+        return jnp.int8 if self.symmetric else jnp.uint8
+
+    def group_width(self, cols: int) -> int:
+        """Inputs per group for a matrix with ``cols`` inputs; raises if ``group_size`` does not divide it."""
+        if self.group_size <= 0:
+            return cols
+        if cols % self.group_size:
+            raise ConfigError(f"group_size {self.group_size} does not divide the input dimension {cols}")
+        return self.group_size
+
+    def num_groups(self, cols: int) -> int:
+        return cols // self.group_width(cols)
+
+    def storage_bits(self, rows: int, cols: int) -> int:
+        """Bits held for a ``[rows, cols]`` matrix: codes plus float16 scales (and offsets when asymmetric)."""
+        params = 1 if self.per_tensor else rows * self.num_groups(cols)
+        return rows * cols * self.bits + params * 16 * (1 if self.symmetric else 2)
+
+    def describe(self) -> str:
+        layout = "per tensor" if self.per_tensor else ("per channel" if self.group_size <= 0 else f"g{self.group_size}")
+        return f"{self.bits}-bit {'sym' if self.symmetric else 'asym'} {layout}"
+
+
+@struct.dataclass
+class QuantizedMatrix:
+    """Integer codes ``[rows, cols]`` (int8 symmetric / uint8 asymmetric) and float32 ``scale``/``offset``
+    ``[rows or 1, groups]`` (float16-exact; offset is zero when symmetric). ``dequantize()`` gives the weights."""
+
+    codes: jax.Array
+    scale: jax.Array
+    offset: jax.Array
+    grid: QuantGrid = struct.field(pytree_node=False)
+
+    def dequantize(self) -> jax.Array:
+        """Float32 ``[rows, cols]`` weights the codes stand for."""
+        return dequantize(self.codes, self.scale, self.offset)
+
+
+def _fit_groups(groups: jax.Array, grid: QuantGrid) -> tuple[jax.Array, jax.Array]:
+    """Scale and offset (float16-rounded, float32) of each row of ``groups`` ``[..., width]`` -> ``[...]``."""
+    lo, hi = grid.levels
+    if grid.symmetric:
+        idx = jnp.argmax(jnp.abs(groups), axis=-1)
+        signed_max = jnp.take_along_axis(groups, idx[..., None], axis=-1)[..., 0]
+        scale = signed_max / lo
+        offset = jnp.zeros_like(scale)
+    else:
+        gmin, gmax = jnp.min(groups, axis=-1), jnp.max(groups, axis=-1)
+        scale, offset = (gmax - gmin) / hi, gmin
+    f16 = lambda a: a.astype(jnp.float16).astype(jnp.float32)  # noqa: E731
+    return f16(scale), f16(offset)
+
+
+def fit_grid(w: jax.Array, grid: QuantGrid) -> tuple[jax.Array, jax.Array]:
+    """Scale and offset float32 ``[rows, groups]`` (``[1, 1]`` per tensor) of ``w`` ``[rows, cols]``."""
+    rows, cols = w.shape
+    w = jnp.asarray(w, jnp.float32)
+    if grid.per_tensor:
+        scale, offset = _fit_groups(w.reshape(1, 1, -1), grid)
+        return scale, offset
+    g = grid.num_groups(cols)
+    return _fit_groups(w.reshape(rows, g, cols // g), grid)
+
+
+def _expand(param: jax.Array, rows: int, cols: int) -> jax.Array:
+    """``[rows or 1, groups]`` -> ``[rows, cols]``: each group's value repeated over its columns."""
+    return jnp.broadcast_to(jnp.repeat(param, cols // param.shape[1], axis=1), (rows, cols))
+
+
+def encode(w: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
+    """Nearest integer codes of ``w`` ``[rows, cols]`` on the grid given by ``scale``/``offset`` (int32)."""
+    rows, cols = w.shape
+    s, o = _expand(scale, rows, cols), _expand(offset, rows, cols)
+    lo, hi = grid.levels
+    q = jnp.round((w - o) / jnp.where(s == 0, 1.0, s))
+    return jnp.clip(q, lo, hi).astype(jnp.int32)
+
+
+def dequantize(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+    """``scale·codes + offset`` float32 ``[rows, cols]`` (scale/offset per group, expanded over columns)."""
+    rows, cols = codes.shape
+    return _expand(scale, rows, cols) * codes.astype(jnp.float32) + _expand(offset, rows, cols)
+
+
+def quantize_column(col: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
+    """One column ``[rows]`` rounded to the grid with per-row ``scale``/``offset`` ``[rows]`` (float32)."""
+    lo, hi = grid.levels
+    q = jnp.clip(jnp.round((col - offset) / jnp.where(scale == 0, 1.0, scale)), lo, hi)
+    return scale * q + offset
+
+
+def _check_matrix(w, grid: QuantGrid) -> None:
+    if getattr(w, "is_packed", False):
+        raise ConfigError("this tensor is already packed: quantize the float weights, not a PackedTensor")
+    if getattr(w, "ndim", None) != 2:
+        raise ConfigError(f"expected a [rows, cols] weight matrix, got shape {getattr(w, 'shape', None)}")
+    if jnp.issubdtype(w.dtype, jnp.integer):
+        raise ConfigError(f"expected float weights, got {w.dtype}: the tensor is already quantized")
+    grid.group_width(w.shape[1])
+
+
+@functools.partial(jax.jit, static_argnames=("grid",))
+def _rtn(w: jax.Array, grid: QuantGrid) -> QuantizedMatrix:
+    scale, offset = fit_grid(w, grid)
+    codes = encode(w, scale, offset, grid).astype(grid.code_dtype)
+    return QuantizedMatrix(codes, scale, offset, grid)
+
+
+def rtn_quantize(w: jax.Array, grid: QuantGrid) -> tuple[jax.Array, QuantizedMatrix]:
+    """Round-to-nearest: each weight of ``w`` ``[rows, cols]`` to its nearest level of ``grid``.
+
+    Returns ``(dequantized float32 weights, QuantizedMatrix)``.
+    """
+    _check_matrix(w, grid)
+    qm = _rtn(jnp.asarray(w, jnp.float32), grid)
+    return qm.dequantize(), qm
+
+
+def gptq_quantize(
+    w: jax.Array,
+    hessian: jax.Array,
+    grid: QuantGrid,
+    *,
+    blocksize: int = 128,
+    damp_fraction: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> tuple[jax.Array, QuantizedMatrix]:
+    """GPTQ on ``w`` ``[rows, cols]`` with the input Hessian ``hessian`` ``[cols, cols]`` (``2XᵀX/n``).
+
+    Returns ``(dequantized float32 weights, QuantizedMatrix)``. Inputs that were never active
+    (``H_jj = 0``) get zero weight.
+    """
+    _check_matrix(w, grid)
+    if blocksize < 1 or damp_fraction < 0:
+        raise ConfigError(f"gptq needs blocksize >= 1 and damp_fraction >= 0, got {blocksize}, {damp_fraction}")
+    if hessian.shape != (w.shape[1], w.shape[1]):
+        raise ConfigError(f"Hessian {hessian.shape} does not match a matrix with {w.shape[1]} inputs")
+    static = static_groups or act_order or grid.group_size <= 0 or grid.per_tensor
+    qm = _gptq(jnp.asarray(w, jnp.float32), jnp.asarray(hessian, jnp.float32), grid, blocksize, damp_fraction,
+               act_order, static)
+    return qm.dequantize(), qm
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "blocksize", "damp_fraction", "act_order", "static"))
+def _gptq(w, hessian, grid: QuantGrid, blocksize: int, damp_fraction: float, act_order: bool, static: bool):
+    rows, cols = w.shape
+    width = grid.group_width(cols)
+    upper, dead = damped_inverse_cholesky(hessian, damp_fraction)
+    w = jnp.where(dead[None, :], 0.0, w)
+    if static:
+        scale, offset = fit_grid(w, grid)
+    else:
+        scale = offset = jnp.zeros((rows, cols // width), jnp.float32)
+    group_of = jnp.zeros(cols, jnp.int32) if grid.per_tensor else jnp.arange(cols, dtype=jnp.int32) // width
+
+    perm = jnp.argsort(-jnp.diag(hessian)) if act_order else jnp.arange(cols)
+    if act_order:  # the factor must be of the permuted Hessian: recompute it (dead inputs sort last)
+        upper, _ = damped_inverse_cholesky(hessian[perm][:, perm], damp_fraction)
+    w, group_of = w[:, perm], group_of[perm]
+
+    # Dynamic groups are fitted at their first column inside a block, so a block holds whole groups.
+    bs = min(blocksize, cols) if static else -(-min(blocksize, cols) // width) * width
+    padded = -(-cols // bs) * bs
+    if padded != cols:  # inert columns: zero weight, identity factor, a group of their own that is never read
+        extra = padded - cols
+        w = jnp.pad(w, ((0, 0), (0, extra)))
+        upper = jnp.pad(upper, ((0, extra), (0, extra))).at[cols:, cols:].set(jnp.eye(extra, dtype=upper.dtype))
+        group_of = jnp.pad(group_of, (0, extra), constant_values=-1)
+        if not static:
+            scale = jnp.pad(scale, ((0, 0), (0, -(-extra // width))))
+            offset = jnp.pad(offset, ((0, 0), (0, -(-extra // width))))
+
+    def column(j, state, i1, d, u1):
+        w1, q1, err1, scale, offset = state
+        if not static:
+            def refit(params):
+                group = jax.lax.dynamic_slice(w1, (0, j), (rows, width))
+                s, o = _fit_groups(group, grid)
+                g = (i1 + j) // width
+                return (jax.lax.dynamic_update_slice(params[0], s[:, None], (0, g)),
+                        jax.lax.dynamic_update_slice(params[1], o[:, None], (0, g)))
+
+            scale, offset = jax.lax.cond((i1 + j) % width == 0, refit, lambda p: p, (scale, offset))
+        col = jax.lax.dynamic_slice(w1, (0, j), (rows, 1))[:, 0]
+        g = jnp.maximum(group_of[i1 + j], 0)
+        pick = lambda p: jax.lax.dynamic_slice(p, (0, g), (p.shape[0], 1))[:, 0]  # noqa: E731
+        q = quantize_column(col, pick(scale), pick(offset), grid)
+        q = jnp.where(group_of[i1 + j] < 0, 0.0, q)
+        err = (col - q) / d[j]
+        # Row j of the upper factor is zero left of j: this updates columns j.. of the block only.
+        w1 = w1 - err[:, None] * jax.lax.dynamic_slice(u1, (j, 0), (1, bs))
+        q1 = jax.lax.dynamic_update_slice(q1, q[:, None], (0, j))
+        err1 = jax.lax.dynamic_update_slice(err1, err[:, None], (0, j))
+        return w1, q1, err1, scale, offset
+
+    def block(b, state):
+        w, scale, offset = state
+        i1 = b * bs
+        w1 = jax.lax.dynamic_slice(w, (0, i1), (rows, bs))
+        u1 = jax.lax.dynamic_slice(upper, (i1, i1), (bs, bs))
+        zeros = jnp.zeros((rows, bs), jnp.float32)
+        body = functools.partial(column, i1=i1, d=jnp.diag(u1), u1=u1)
+        _, q1, err1, scale, offset = jax.lax.fori_loop(0, bs, body, (w1, zeros, zeros, scale, offset))
+        # Lazy batched update of every later column; earlier ones meet zeros of the upper factor.
+        w = w - jnp.matmul(err1, jax.lax.dynamic_slice(upper, (i1, 0), (bs, padded)), precision=HIGHEST)
+        return jax.lax.dynamic_update_slice(w, q1, (0, i1)), scale, offset
+
+    w, scale, offset = jax.lax.fori_loop(0, padded // bs, block, (w, scale, offset))
+    inverse = jnp.argsort(perm)
+    w = w[:, :cols][:, inverse]
+    groups = 1 if grid.per_tensor else cols // width
+    scale, offset = scale[:, :groups], offset[:, :groups]
+    codes = encode(w, scale, offset, grid).astype(grid.code_dtype)
+    return QuantizedMatrix(codes, scale, offset, grid)
