@@ -143,7 +143,7 @@ def test_gptq_act_order_undoes_the_permutation_and_zeroes_dead_inputs():
     got = np.asarray(got)
     assert np.all(got[:, 5] == 0)
     keep = np.arange(w.shape[1]) != 5
-    np.testing.assert_allclose(got[:, keep], w[:, keep], atol=np.abs(w).max() / 100)  # 8 bits: close everywhere
+    np.testing.assert_allclose(got[:, keep], w[:, keep], atol=np.abs(w).max() / 25)  # 8 bits: within a few steps
 
 
 def test_gptq_is_deterministic():
