@@ -1,7 +1,10 @@
 """One-shot compression presets: ``--config=configs/compress.py:METHOD``.
 
-METHOD: ``dense`` (no change, the baseline), ``magnitude``, ``wanda``, ``sparsegpt``, or ``smoke`` (SparseGPT with
-a tiny calibration set and a short evaluation, for tests). Calibration defaults to 128 seeded windows of 512
+METHOD: ``dense`` (no change, the baseline), ``magnitude``, ``wanda``, ``sparsegpt`` (pruning), ``rtn``, ``gptq``
+(4-bit per-channel quantization unless ``--config.bits`` / ``--config.group_size`` say otherwise),
+``sparsegpt_gptq`` (50 % SparseGPT and 4-bit symmetric quantization in one pass), or ``smoke`` (SparseGPT with
+a tiny calibration set and a short evaluation, for tests; ``--config.method=gptq --config.bits=4`` makes it a
+quantization smoke run). Calibration defaults to 128 seeded windows of 512
 tokens drawn in equal shares from three domains that ship with Python: ``pydoc_data.topics``, standard-library
 source code and IDLE's change logs (the calibration study, ``experiments/calibration_study.py``, found that this
 mix keeps SparseGPT ahead of Wanda on far-domain text, where topics alone lets Wanda win); evaluation defaults to
@@ -12,7 +15,8 @@ from ml_collections import ConfigDict
 
 from llmopt_jax.errors import ConfigError
 
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt")
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "rtn", "gptq", "sparsegpt_gptq")
+QUANTIZING = ("rtn", "gptq", "sparsegpt_gptq")
 
 
 def get_config(preset: str = "sparsegpt") -> ConfigDict:
@@ -24,10 +28,13 @@ def get_config(preset: str = "sparsegpt") -> ConfigDict:
     c.model = "smollm2-135m"  # a known name, a GGUF file, or a directory with config.json + *.safetensors
     c.sparsity = 0.5  # fraction of zeros per matrix for unstructured pruning, in [0, 1)
     c.pattern = ""  # "" = unstructured; "N:M" keeps N of every M consecutive inputs (sparsity is then 1 - N/M)
-    c.bits = 32  # storage bits per weight (quantization arrives with its own issue)
-    c.group_size = -1
-    c.act_order = False
+    c.bits = 4 if preset in QUANTIZING else 32  # 2..8 for the quantizing methods; 32 = float weights
+    c.group_size = -1  # inputs per quantization group; 0 or -1 = one scale per output channel
+    c.symmetric = False  # rtn/gptq grid: False = scale + offset per group (Q4_1-like); sparsegpt_gptq: always symmetric
+    c.act_order = False  # gptq: visit columns by decreasing Hessian diagonal (implies static groups)
+    c.static_groups = False  # gptq: fit group scales from the original weights up front
 
+    # Solver settings shared by SparseGPT and GPTQ (block of columns per lazy update, Hessian dampening).
     c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))
 
     c.calib = ConfigDict()

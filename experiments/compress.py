@@ -2,11 +2,15 @@
 
     python -m experiments.compress --config=configs/compress.py:sparsegpt --config.sparsity=0.5 \
         --config.eval.text_file=my.txt --workdir=runs/sparsegpt50
+    python -m experiments.compress --config=configs/compress.py:gptq --config.bits=3 --config.group_size=64 \
+        --config.act_order=True --workdir=runs/gptq3g64
 
-Writes WORKDIR/config.json, layers.json (per matrix: shape, sparsity, relative reconstruction error, seconds)
-and results.json: method, perplexity, num_eval_tokens, sparsity (measured fraction of zeros over all pruned
-matrices), bits_per_weight, model_bytes, seconds_compress, plus calibration (calib_windows, calib_seq_len,
-calib_text) and evaluation sizes.
+Quantized models are evaluated from packed weights (``compress/packed.py``). Writes WORKDIR/config.json,
+layers.json (per matrix: shape, sparsity, relative reconstruction error, seconds) and results.json: method,
+perplexity, num_eval_tokens, sparsity (measured fraction of zeros over all compressed matrices), bits,
+group_size, bits_per_weight (stored bits of the compressed matrices, scales and offsets included, per weight;
+32 for float matrices), model_bytes (bytes of every array the evaluated model holds), seconds_compress, plus
+calibration (calib_windows, calib_seq_len, calib_text) and evaluation sizes.
 """
 
 from llmopt_jax import cli
@@ -16,10 +20,12 @@ def main(config, workdir):
     import dataclasses
     import os
 
-    import jax
     import numpy as np
+    from flax import nnx
 
-    from llmopt_jax.compress.calibrate import compress_sequentially, measured_sparsity
+    from llmopt_jax.compress.calibrate import measured_sparsity
+    from llmopt_jax.compress.packed import block_bits_per_weight
+    from llmopt_jax.compress.study import compress_model
     from llmopt_jax.compress.prune import parse_pattern
     from llmopt_jax.compress.recipe import from_recipe
     from llmopt_jax.data.text import calibration_windows, check_calibration_text, load_texts, stdlib_docstrings_text
@@ -31,14 +37,8 @@ def main(config, workdir):
     from llmopt_jax.parallel.sharded_init import load_params
 
     workdir = cli.prepare_workdir(config, workdir)
-    if config.method not in ("dense", "magnitude", "wanda", "sparsegpt"):
-        raise ConfigError(f"unknown method {config.method!r}; choose dense, magnitude, wanda or sparsegpt")
-    if config.bits != 32:
-        raise ConfigError(f"bits={config.bits}: quantization is not available yet (only 32-bit storage)")
-    step = {"name": config.method, "sparsity": config.sparsity, "pattern": config.pattern}
-    if config.method == "sparsegpt":
-        step.update(blocksize=config.sparsegpt.blocksize, damp_fraction=config.sparsegpt.damp_fraction)
-    transform = None if config.method == "dense" else from_recipe([step])  # validates before the model loads
+    step = compression_step(config)
+    transform = None if step is None else from_recipe([step])  # validates before the model loads
     eval_text = load_texts(config.eval.text_file) if config.eval.text_file else stdlib_docstrings_text()
     check_calibration_text(config.calib.text_file, config.calib.sources)  # fails before the model loads
 
@@ -48,26 +48,29 @@ def main(config, workdir):
         if not 2 <= config[key].seq_len <= model.cfg.max_seq_len:
             raise ConfigError(f"{key}.seq_len={config[key].seq_len} must be in [2, {model.cfg.max_seq_len}] "
                               "(the model's context)")
-    params, seconds, layers = model.params, 0.0, []
+    calib = None
     if transform is not None:
         calib = calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,
                                     config.calib.seq_len, config.calib.seed)
-        pure, report = compress_sequentially(model.cfg, model.params, calib, transform,
-                                             batch_size=config.calib.batch_size, progress=config.progress)
-        _, params = load_params(model.cfg, pure)
-        seconds, layers = report["seconds"], report["layers"]
-    result = evaluate_perplexity(model.graphdef, params, np.asarray(tok.encode(eval_text)), config.eval.seq_len,
+    # Quantized kernels stay packed in `params`: the evaluation below runs from the packed weights.
+    graphdef, params, pure, report = compress_model(model, calib, step, config.calib.batch_size, config.progress)
+    seconds, layers = report.get("seconds", 0.0), report.get("layers", [])
+    result = evaluate_perplexity(graphdef, params, np.asarray(tok.encode(eval_text)), config.eval.seq_len,
                                  config.eval.batch_size, max_windows=config.eval.max_windows, progress=config.progress)
 
     model_bytes = tree_bytes(params)
     results = {
         "method": config.method,
         "pattern": config.pattern or "unstructured",
-        "target_sparsity": 0.0 if transform is None else parse_pattern(config.sparsity, config.pattern).sparsity,
+        "target_sparsity": 0.0 if step is None or "sparsity" not in step
+        else parse_pattern(config.sparsity, config.pattern).sparsity,
         "perplexity": result.perplexity,
         "num_eval_tokens": result.num_eval_tokens,
-        "sparsity": measured_sparsity(params),
-        "bits_per_weight": 8.0 * model_bytes / sum(int(np.size(x)) for x in jax.tree.leaves(params)),
+        "sparsity": measured_sparsity(pure),
+        "bits": int(config.bits),
+        "group_size": int(config.group_size),
+        "act_order": bool(config.act_order),
+        "bits_per_weight": block_bits_per_weight(nnx.to_pure_dict(params)),
         "model_bytes": model_bytes,
         "seconds_compress": seconds,
         "seconds_eval": result.seconds,
@@ -78,11 +81,43 @@ def main(config, workdir):
     }
     write_json(f"{workdir}/layers.json", [dataclasses.asdict(r) for r in layers])
     if config.save:
-        save_model(config.save, model, params)
+        save_model(config.save, model, load_params(model.cfg, pure)[1] if report.get("quantized") else params)
         results["saved_to"] = os.path.abspath(config.save)
     write_json(f"{workdir}/results.json", results)
-    print(f"{config.method} ({results['pattern']}): perplexity={result.perplexity:.3f} over {result.num_eval_tokens:,} "
-          f"tokens, sparsity={results['sparsity']:.4f}, compress {seconds:.1f} s")
+    print(f"{config.method} ({results['pattern']}, {results['bits_per_weight']:.2f} bits/weight): perplexity="
+          f"{result.perplexity:.3f} over {result.num_eval_tokens:,} tokens, sparsity={results['sparsity']:.4f}, "
+          f"model {model_bytes / 2**20:.1f} MiB, compress {seconds:.1f} s")
+
+
+QUANTIZING = ("rtn", "gptq", "sparsegpt_gptq")
+
+
+def compression_step(config) -> dict | None:
+    """The recipe step ``config`` describes (None for ``dense``); raises ``ConfigError`` on a bad combination."""
+    from llmopt_jax.errors import ConfigError
+
+    methods = ("dense", "magnitude", "wanda", "sparsegpt") + QUANTIZING
+    if config.method not in methods:
+        raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(methods)}")
+    if config.method not in QUANTIZING and config.bits != 32:
+        raise ConfigError(f"bits={config.bits} needs a quantizing method ({', '.join(QUANTIZING)}); "
+                          f"{config.method} keeps 32-bit weights")
+    if config.method in QUANTIZING and config.bits == 32:
+        raise ConfigError(f"method {config.method} quantizes: set --config.bits to 2..8")
+    if config.method == "dense":
+        return None
+    prune = {"sparsity": config.sparsity, "pattern": config.pattern}
+    grid = {"bits": config.bits, "group_size": config.group_size}
+    solver = {"blocksize": config.sparsegpt.blocksize, "damp_fraction": config.sparsegpt.damp_fraction}
+    if config.method == "rtn":
+        return {"name": "rtn", **grid, "symmetric": config.symmetric}
+    if config.method == "gptq":
+        return {"name": "gptq", **grid, "symmetric": config.symmetric, "act_order": config.act_order,
+                "static_groups": config.static_groups, **solver}
+    if config.method == "sparsegpt_gptq":  # one pass, symmetric grid (a pruned zero is code 0)
+        return {"name": "sparsegpt", **prune, **solver, **grid}
+    step = {"name": config.method, **prune}
+    return {**step, **solver} if config.method == "sparsegpt" else step
 
 
 def save_model(path, model, params):

@@ -142,7 +142,7 @@ def test_quantizer_sees_each_columns_own_index_across_blocks_and_segments():
     w, x, stats = problem(cols=40)  # blocksize 4: 10 blocks run as 8 segments, with column offsets in each
     steps = 0.05 * (1 + jnp.arange(48) % 7)  # a different grid step per column (48 >= padded width)
     pruned, keep = sparsegpt_prune(jnp.asarray(w), stats.hessian, parse_pattern(0.5), blocksize=4,
-                                   quantize=lambda col, i: jnp.round(col / steps[i]) * steps[i])
+                                   quantize=lambda col, i, _: jnp.round(col / steps[i]) * steps[i])
     step = np.asarray(steps[:40])[None, :]
     pruned, keep = np.asarray(pruned), np.asarray(keep)
     np.testing.assert_allclose(np.where(keep, pruned, 0), np.where(keep, np.round(pruned / step) * step, 0), atol=1e-6)
@@ -153,7 +153,7 @@ def test_joint_quantizer_rounds_kept_weights_only():
     w, x, stats = problem()
     step = 0.25
     pruned, keep = sparsegpt_prune(jnp.asarray(w), stats.hessian, parse_pattern(0.5),
-                                   quantize=lambda col, i: jnp.round(col / step) * step)
+                                   quantize=lambda col, i, _: jnp.round(col / step) * step)
     values = np.asarray(pruned)[np.asarray(keep)]
     np.testing.assert_allclose(values, np.round(values / step) * step, atol=1e-6)
     assert (np.asarray(pruned)[~np.asarray(keep)] == 0).all()

@@ -6,7 +6,8 @@ matrix transform to each linear weight, write the block back, and run the *compr
 next block's inputs. Only one block's activations and statistics are alive at a time.
 
 A matrix transform is ``(w [rows = outputs, cols = inputs] float32, InputStats) -> (new_w, info)`` where
-``info`` may hold a boolean ``"keep"`` mask; ``compress/prune.py`` and the recipes build them. A transform
+``info`` may hold a boolean ``"keep"`` mask and a ``"quantized"`` record (integer codes + scales, see
+``compress/quantize.py``); ``compress/prune.py``, ``compress/quantize.py`` and the recipes build them. A transform
 with the attribute ``needs_calibration = False`` is data-free and receives ``None`` statistics.
 """
 
@@ -140,7 +141,9 @@ def compress_sequentially(
     ``params``: an ``nnx.State`` or pure dict of the decoder (layers stacked or listed); ``windows`` int
     ``[N, L]`` calibration tokens. Returns ``(new pure params dict, report)``; the input is not modified.
     ``report`` has ``layers`` (a :class:`LayerReport` per matrix), ``masks`` (keep-masks in kernel shape,
-    nested like the params) and ``seconds``.
+    nested like the params), ``quantized`` (each quantized matrix's ``QuantizedMatrix`` in the ``[outputs,
+    inputs]`` layout, nested like the params and stacked like them; empty when nothing was quantized) and
+    ``seconds``.
     """
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     windows = np.asarray(windows, np.int32)
@@ -160,7 +163,7 @@ def compress_sequentially(
             "mlp_out": cfg.mlp_dim}
 
     t_start = time.perf_counter()
-    new_layers, layer_masks, reports = [], [], []
+    new_layers, layer_masks, layer_quantized, reports = [], [], [], []
     for i in tqdm(range(cfg.num_layers), desc="blocks", disable=not progress, leave=False):
         block = jax.tree.map(f32, _layer(pure, i, stacked))
         stats = {g: InputStats.zeros(d) for g, d in dims.items()} if calibrated else dict.fromkeys(dims)
@@ -169,6 +172,7 @@ def compress_sequentially(
         stats = jax.block_until_ready(stats)  # so the per-matrix seconds below time the transform alone
         new_block = jax.tree.map(lambda a: a, block)  # a new tree; leaves are immutable arrays
         masks: dict = {}
+        quantized: dict = {}
         for group, names in INPUT_GROUPS.items():
             for name in names:
                 t0 = time.perf_counter()
@@ -179,6 +183,8 @@ def compress_sequentially(
                 new_block[name] = {"kernel": matrix_to_kernel(name, new_w, block[name]["kernel"])}
                 if "keep" in info:
                     masks[name] = {"kernel": np.asarray(info["keep"]).T.reshape(block[name]["kernel"].shape)}
+                if "quantized" in info:
+                    quantized[name] = {"kernel": jax.tree.map(np.asarray, info["quantized"])}
                 reports.append(LayerReport(
                     block=i, name=name, shape=tuple(w.shape), sparsity=float(jnp.mean(new_w == 0)),
                     relative_error=relative_reconstruction_error(w, new_w, stats[group].hessian)
@@ -190,12 +196,17 @@ def compress_sequentially(
         original = _layer(pure, i, stacked)
         new_layers.append(jax.tree.map(lambda new, old: np.asarray(new, np.asarray(old).dtype), new_block, original))
         layer_masks.append(masks)
+        layer_quantized.append(quantized)
 
     out = {k: v for k, v in pure.items() if k != "layers"}
     if stacked:
         out["layers"] = jax.tree.map(lambda *a: np.stack(a), *new_layers)
         masks_out = jax.tree.map(lambda *a: np.stack(a), *layer_masks) if layer_masks[0] else {}
+        quantized_out = jax.tree.map(lambda *a: np.stack(a), *layer_quantized) if layer_quantized[0] else {}
     else:
         out["layers"] = dict(enumerate(new_layers))
         masks_out = dict(enumerate(layer_masks))
-    return out, {"layers": reports, "masks": {"layers": masks_out}, "seconds": time.perf_counter() - t_start}
+        quantized_out = dict(enumerate(layer_quantized)) if layer_quantized[0] else {}
+    return out, {"layers": reports, "masks": {"layers": masks_out},
+                 "quantized": {"layers": quantized_out} if quantized_out else {},
+                 "seconds": time.perf_counter() - t_start}

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,9 @@ SUB_BLOCK = 16  # columns per inner pass of SparseGPT (an implementation detail;
 # reach only the columns right of the run's start: the update work falls from rows*cols² to ~(1+1/S)/2 of it,
 # at the price of S compiled loop bodies.
 MAX_SEGMENTS = 8
-# A quantizer for SparseGPT's joint mode: (column values [rows], column index) -> rounded column.
-ColumnQuantizer = Callable[[jax.Array, jax.Array], jax.Array]
+# A quantizer for SparseGPT's joint mode: (column values [rows], column index, its parameters) -> rounded column.
+# The parameters (e.g. a grid's scales) are a traced argument, so one compiled solver serves every matrix.
+ColumnQuantizer = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +141,13 @@ def sparsegpt_prune(
     blocksize: int = 128,
     damp_fraction: float = 0.01,
     quantize: ColumnQuantizer | None = None,
+    quant_params: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """SparseGPT on ``w`` ``[rows, cols]`` with the input Hessian ``hessian`` ``[cols, cols]`` (``2XᵀX/n``).
 
     Returns ``(pruned and updated weights, keep_mask)``. ``cols`` need not divide by ``blocksize``: the last
     block is padded with inert columns (zero weight, identity Hessian) that are never counted or kept.
+    ``quantize(column, index, quant_params)``, when given, rounds the kept weights of each column.
     """
     rows, cols = w.shape
     _check_nm(cols, pattern)
@@ -186,7 +189,7 @@ def sparsegpt_prune(
             kept = jax.lax.dynamic_slice(keep_sub, (0, i), (rows, 1))[:, 0]
             q = jnp.where(kept, col, 0.0)
             if quantize is not None:
-                q = jnp.where(kept, quantize(q, offset + i), 0.0)
+                q = jnp.where(kept, quantize(q, offset + i, quant_params), 0.0)
             err = (col - q) / d_sub[i]
             # Row i of the upper factor is zero left of i: this updates columns i.. of the sub-block only.
             w_sub = w_sub - err[:, None] * jax.lax.dynamic_slice(u_sub, (i, 0), (1, sub))

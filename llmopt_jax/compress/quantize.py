@@ -278,3 +278,20 @@ def _gptq(w, hessian, grid: QuantGrid, blocksize: int, damp_fraction: float, act
     scale, offset = scale[:, :groups], offset[:, :groups]
     codes = encode(w, scale, offset, grid).astype(grid.code_dtype)
     return QuantizedMatrix(codes, scale, offset, grid)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridColumnQuantizer:
+    """SparseGPT's joint-mode column quantizer: rounds input column ``j`` with its group's ``(scale, offset)``.
+
+    Hashable and compared by value, so the jitted solver compiles once per matrix shape, not per matrix.
+    """
+
+    grid: QuantGrid
+    width: int  # inputs per group of the matrix being solved
+
+    def __call__(self, col: jax.Array, j: jax.Array, params: tuple[jax.Array, jax.Array]) -> jax.Array:
+        scale, offset = params
+        g = 0 if self.grid.per_tensor else j // self.width  # padded columns past the end clamp to the last group
+        pick = lambda p: jnp.broadcast_to(jax.lax.dynamic_slice(p, (0, g), (p.shape[0], 1))[:, 0], col.shape)  # noqa
+        return quantize_column(col, pick(scale), pick(offset), self.grid)

@@ -1,9 +1,13 @@
 """Recipes: matrix transforms built from config data and chained like ``optax.chain``.
 
 A recipe is a list of steps, each a mapping with a ``name`` and that transform's options, e.g.
-``[{"name": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}]``. :func:`chain` applies steps in order with
-the same calibration statistics and keeps every zero an earlier step made (a later quantizer cannot revive a
-pruned weight), so masks stay valid for sparse fine-tuning.
+``[{"name": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}]`` or ``[{"name": "gptq", "bits": 4,
+"group_size": 128, "act_order": True}]``. :func:`chain` applies steps in order with the same calibration
+statistics and keeps every zero an earlier step made (a later quantizer cannot revive a pruned weight), so
+masks stay valid for sparse fine-tuning. Quantizing steps report their integer codes and scales under
+``info["quantized"]`` (a :class:`QuantizedMatrix`, what ``compress/packed.py`` stores); a quantizing step must
+be the last one, since a later step would change the weights behind those codes. Joint pruning + quantization
+in one pass is ``sparsegpt`` with ``bits`` (a symmetric grid, on which a pruned zero stays exactly zero).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import jax.numpy as jnp
 from llmopt_jax.compress.calibrate import MatrixTransform
 from llmopt_jax.compress.hessian import InputStats
 from llmopt_jax.compress.prune import magnitude_prune, parse_pattern, sparsegpt_prune, wanda_prune
+from llmopt_jax.compress.quantize import (
+    GridColumnQuantizer, QuantGrid, QuantizedMatrix, encode, fit_grid, gptq_quantize, rtn_quantize,
+)
 from llmopt_jax.errors import ConfigError
 
 
@@ -44,35 +51,92 @@ def wanda(sparsity: float = 0.5, pattern: str = "") -> MatrixTransform:
 
 def sparsegpt(
     sparsity: float = 0.5, pattern: str = "", blocksize: int = 128, damp_fraction: float = 0.01,
-    quantize: Callable | None = None,
+    bits: int = 0, group_size: int = -1,
 ) -> MatrixTransform:
-    """SparseGPT with the layer's input Hessian (optionally quantizing the kept weights in the same pass)."""
+    """SparseGPT with the layer's input Hessian; with ``bits`` > 0 it also rounds the kept weights to a
+    symmetric ``bits``-bit grid (per channel, or groups of ``group_size`` inputs) in the same pass."""
     pat = parse_pattern(sparsity, pattern)
     if blocksize < 1 or not 0 <= damp_fraction:
         raise ConfigError(f"sparsegpt needs blocksize >= 1 and damp_fraction >= 0, got {blocksize}, {damp_fraction}")
+    grid = QuantGrid(bits, group_size, symmetric=True) if bits else None
 
     def apply(w: jax.Array, stats: InputStats) -> tuple[jax.Array, dict]:
-        new_w, keep = sparsegpt_prune(w, stats.hessian, pat, blocksize, damp_fraction, quantize)
-        return new_w, {"keep": keep}
+        if grid is None:
+            new_w, keep = sparsegpt_prune(w, stats.hessian, pat, blocksize, damp_fraction)
+            return new_w, {"keep": keep}
+        # The grid is fitted to the dense weights up front (static groups), as in the paper's joint mode.
+        scale, offset = fit_grid(w, grid)
+        quantizer = GridColumnQuantizer(grid, grid.group_width(w.shape[1]))
+        new_w, keep = sparsegpt_prune(w, stats.hessian, pat, blocksize, damp_fraction, quantizer, (scale, offset))
+        codes = encode(new_w, scale, offset, grid).astype(grid.code_dtype)
+        return new_w, {"keep": keep, "quantized": QuantizedMatrix(codes, scale, offset, grid)}
 
+    apply.quantizes, apply.grid = grid is not None, grid
     return apply
 
 
-TRANSFORMS: dict[str, Callable[..., MatrixTransform]] = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
+def rtn(bits: int = 4, group_size: int = -1, symmetric: bool = False, per_tensor: bool = False) -> MatrixTransform:
+    """Round-to-nearest on a ``bits``-bit grid (no calibration statistics needed)."""
+    grid = QuantGrid(bits, group_size, symmetric, per_tensor)
+
+    def apply(w: jax.Array, stats: InputStats | None) -> tuple[jax.Array, dict]:
+        new_w, qm = rtn_quantize(w, grid)
+        return new_w, {"quantized": qm}
+
+    apply.needs_calibration = False
+    apply.quantizes, apply.grid = True, grid
+    return apply
+
+
+def gptq(
+    bits: int = 4, group_size: int = -1, symmetric: bool = False, act_order: bool = False,
+    static_groups: bool = False, blocksize: int = 128, damp_fraction: float = 0.01,
+) -> MatrixTransform:
+    """GPTQ on a ``bits``-bit grid with the layer's input Hessian."""
+    grid = QuantGrid(bits, group_size, symmetric)
+    if blocksize < 1 or not 0 <= damp_fraction:
+        raise ConfigError(f"gptq needs blocksize >= 1 and damp_fraction >= 0, got {blocksize}, {damp_fraction}")
+
+    def apply(w: jax.Array, stats: InputStats) -> tuple[jax.Array, dict]:
+        new_w, qm = gptq_quantize(w, stats.hessian, grid, blocksize=blocksize, damp_fraction=damp_fraction,
+                                  act_order=act_order, static_groups=static_groups)
+        return new_w, {"quantized": qm}
+
+    apply.quantizes, apply.grid = True, grid
+    return apply
+
+
+TRANSFORMS: dict[str, Callable[..., MatrixTransform]] = {
+    "magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "rtn": rtn, "gptq": gptq,
+}
 
 
 def chain(*transforms: MatrixTransform) -> MatrixTransform:
-    """Applies ``transforms`` in order; the result keeps the intersection of their keep-masks."""
+    """Applies ``transforms`` in order; the result keeps the intersection of their keep-masks and the last
+    step's quantization record (only the last step may quantize)."""
+    if any(getattr(t, "quantizes", False) for t in transforms[:-1]):
+        raise ConfigError("a quantizing step must be the last step of a recipe (later steps would change the "
+                          "weights behind its integer codes)")
+    last_grid = getattr(transforms[-1], "grid", None) if transforms else None
+    if len(transforms) > 1 and last_grid is not None and not last_grid.symmetric:
+        raise ConfigError("quantizing pruned weights needs symmetric=True: 0 is not a level of an asymmetric grid")
 
     def apply(w: jax.Array, stats: InputStats) -> tuple[jax.Array, dict]:
         keep = jnp.ones(w.shape, bool)
+        out: dict = {}
         for transform in transforms:
             w, info = transform(w, stats)
             keep = keep & info.get("keep", True)
             w = jnp.where(keep, w, 0.0).astype(w.dtype)
-        return w, {"keep": keep}
+            out = {k: v for k, v in info.items() if k == "quantized"}
+        if "quantized" in out and len(transforms) > 1:  # pruned weights are zero, which is code 0 (symmetric)
+            qm = out["quantized"]
+            out["quantized"] = qm.replace(codes=jnp.where(keep, qm.codes, 0).astype(qm.codes.dtype))
+        return w, {"keep": keep, **out}
 
     apply.needs_calibration = any(getattr(t, "needs_calibration", True) for t in transforms)
+    apply.quantizes = bool(transforms) and getattr(transforms[-1], "quantizes", False)
+    apply.grid = last_grid
     return apply
 
 

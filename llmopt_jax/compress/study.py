@@ -72,28 +72,53 @@ def eval_texts(tokenizer, close_file: str, far_file: str, close_max_windows: int
             "far": (np.asarray(tokenizer.encode(far)), far_max_windows)}
 
 
+def compress_model(model, calib: np.ndarray | None, step: dict | None, calib_batch_size: int = 8,
+                   progress: bool = False) -> tuple[Any, Any, dict, dict]:
+    """Compresses ``model`` with one recipe ``step`` (``None`` = unchanged) calibrated on ``calib`` ``[n, len]``.
+
+    Returns ``(graphdef, params, float pure params, report)``: quantized kernels stay packed in ``params``
+    (``compress/packed.py``), ``report`` is ``compress_sequentially``'s (empty for ``None``).
+    """
+    from flax import nnx
+
+    from llmopt_jax.compress.calibrate import KERNEL_INPUT_DIMS, compress_sequentially
+    from llmopt_jax.compress.packed import pack_params, packed_model
+    from llmopt_jax.compress.recipe import from_recipe
+    from llmopt_jax.parallel.sharded_init import load_params
+
+    if step is None:
+        return model.graphdef, model.params, nnx.to_pure_dict(model.params), {}
+    pure, report = compress_sequentially(model.cfg, model.params, calib, from_recipe([step]),
+                                         batch_size=calib_batch_size, progress=progress)
+    if report["quantized"]:
+        graphdef, params = packed_model(model.cfg, pack_params(pure, report["quantized"], KERNEL_INPUT_DIMS))
+    else:
+        graphdef, params = load_params(model.cfg, pure)
+    return graphdef, params, pure, report
+
+
 def prune_and_evaluate(model, calib: np.ndarray | None, step: dict | None, texts: dict[str, tuple[np.ndarray, int]],
                        eval_seq_len: int, eval_batch_size: int, calib_batch_size: int = 8,
                        progress: bool = False) -> dict[str, Any]:
     """Compresses ``model`` with one recipe ``step`` (``None`` = dense) calibrated on ``calib`` ``[n, len]`` and
     measures perplexity on every ``texts[name] = (tokens, max_windows)``.
 
-    Returns ``sparsity`` (measured), ``seconds_compress`` and ``perplexity_NAME`` / ``num_eval_tokens_NAME``.
+    Returns ``sparsity`` (measured), ``seconds_compress``, ``bits_per_weight`` (of the block linear layers),
+    ``model_bytes`` (every array the evaluated model holds) and ``perplexity_NAME`` / ``num_eval_tokens_NAME``.
     """
-    from llmopt_jax.compress.calibrate import compress_sequentially, measured_sparsity
-    from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.eval.perplexity import evaluate_perplexity
-    from llmopt_jax.parallel.sharded_init import load_params
+    from flax import nnx
 
-    params, seconds = model.params, 0.0
-    if step is not None:
-        pure, report = compress_sequentially(model.cfg, model.params, calib, from_recipe([step]),
-                                             batch_size=calib_batch_size, progress=progress)
-        _, params = load_params(model.cfg, pure)
-        seconds = report["seconds"]
-    row: dict[str, Any] = {"sparsity": measured_sparsity(params), "seconds_compress": seconds}
+    from llmopt_jax.compress.calibrate import measured_sparsity
+    from llmopt_jax.compress.packed import block_bits_per_weight
+    from llmopt_jax.eval.perplexity import evaluate_perplexity
+    from llmopt_jax.infer.roofline import tree_bytes
+
+    graphdef, params, pure, report = compress_model(model, calib, step, calib_batch_size, progress)
+    row: dict[str, Any] = {"sparsity": measured_sparsity(pure), "seconds_compress": report.get("seconds", 0.0),
+                           "bits_per_weight": block_bits_per_weight(nnx.to_pure_dict(params)),
+                           "model_bytes": tree_bytes(params)}
     for name, (tokens, max_windows) in texts.items():
-        result = evaluate_perplexity(model.graphdef, params, tokens, eval_seq_len, eval_batch_size,
+        result = evaluate_perplexity(graphdef, params, tokens, eval_seq_len, eval_batch_size,
                                      max_windows=max_windows, progress=False)
         row[f"perplexity_{name}"] = result.perplexity
         row[f"num_eval_tokens_{name}"] = result.num_eval_tokens

@@ -43,7 +43,8 @@ class Linear(nnx.Module):
 
     ``W`` has shape ``in_shape + out_shape`` and logical axes ``in_axes + out_axes``. The matmul is
     ``dot_general`` (default ``jax.lax.dot_general``), injectable so quantized or packed kernels can replace
-    it without touching the model (the MaxText pattern). Inputs and weights are cast to ``dtype`` first.
+    it without touching the model (the MaxText pattern). Inputs and weights are cast to ``dtype`` first; a
+    packed kernel (``compress/packed.py``) is handed to ``dot_general`` as it is.
     """
 
     def __init__(
@@ -76,10 +77,12 @@ class Linear(nnx.Module):
             raise ValueError(f"Linear expects trailing input shape {self.in_shape}, got {x.shape}")
         contract_x = tuple(range(x.ndim - n_in, x.ndim))
         contract_w = tuple(range(n_in))
-        kernel = self.kernel[...]
+        kernel = self.kernel.get_value()
+        if not getattr(kernel, "is_packed", False):  # a packed kernel is left to its dot_general to dequantize
+            kernel = kernel.astype(self.dtype)
         # Accumulate in float32: more accurate for bf16, and XLA:CPU only has fast bf16 dots in this form.
         y = self.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), ((contract_x, contract_w), ((), ())),
+            x.astype(self.dtype), kernel, ((contract_x, contract_w), ((), ())),
             preferred_element_type=jnp.float32,
         )
         return y.astype(self.dtype)

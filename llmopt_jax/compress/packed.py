@@ -1,0 +1,168 @@
+"""Packed quantized weights that hold real bits, and the dequantizing matmul the model runs them with.
+
+A :class:`PackedTensor` replaces a linear layer's float kernel ``[*in_shape, *out_shape]``. Its codes are packed
+along the (flattened) input axis: every 8 consecutive ``b``-bit codes of an output column occupy ``b`` bytes
+(int8: one byte each; int4: two per byte; int2: four per byte; int3: eight in three bytes), stored as
+``uint8 [in·b/8, out]``. Scales (and offsets when asymmetric) are float16 ``[groups, out]``. Nothing else is
+kept, so ``model_bytes`` (:func:`held_bytes`) is the memory these arrays really take.
+
+:func:`packed_dot_general` is injected into every ``Linear`` (``models/layers.py``): when its right operand is
+a ``PackedTensor`` it unpacks and dequantizes that one kernel inside the jitted step and multiplies; the float
+weights of the whole model never exist at once (with scanned layers, one layer's at a time).
+
+Why our own format rather than Qwix/AQT: both keep int4/int3/int2 codes in one byte per value on CPU (XLA's
+``int4``/``int2`` dtypes are not packed there), neither has asymmetric int3/int2, and neither takes codes from
+an outside solver without their own containers; see the quantization issue's note.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from llmopt_jax.compress.quantize import QuantizedMatrix
+from llmopt_jax.errors import ConfigError
+
+
+def pack_codes(codes: jax.Array, bits: int, lo: int) -> jax.Array:
+    """``codes`` int ``[n, out]`` in ``[lo, lo + 2^bits)`` -> ``uint8 [n·bits/8, out]`` (``n`` divisible by 8)."""
+    n, out = codes.shape
+    if n % 8:
+        raise ConfigError(f"packing needs an input dimension divisible by 8, got {n}")
+    u = (jnp.asarray(codes, jnp.int32) - lo).astype(jnp.uint32)
+    if 8 % bits == 0:  # whole codes per byte: OR the shifted codes of each byte together
+        per = 8 // bits
+        u = u.reshape(n // per, per, out) << (bits * jnp.arange(per, dtype=jnp.uint32))[None, :, None]
+        return jnp.sum(u, axis=1).astype(jnp.uint8)
+    # Any width: lay the bits of 8 codes end to end (8·bits bits) and cut them into bits bytes.
+    bit = (u.reshape(n // 8, 8, 1, out) >> jnp.arange(bits, dtype=jnp.uint32)[None, None, :, None]) & 1
+    bit = bit.reshape(n // 8, bits, 8, out)
+    byte = jnp.sum(bit << jnp.arange(8, dtype=jnp.uint32)[None, None, :, None], axis=2)
+    return byte.reshape(n // 8 * bits, out).astype(jnp.uint8)
+
+
+def unpack_codes(data: jax.Array, bits: int, lo: int) -> jax.Array:
+    """Inverse of :func:`pack_codes`: ``uint8 [n·bits/8, out]`` -> int32 codes ``[n, out]``."""
+    rows, out = data.shape
+    d = data.astype(jnp.int32)
+    if 8 % bits == 0:
+        per = 8 // bits
+        u = (d[:, None, :] >> (bits * jnp.arange(per, dtype=jnp.int32))[None, :, None]) & (2**bits - 1)
+        return u.reshape(rows * per, out) + lo
+    n8 = rows // bits
+    bit = (d.reshape(n8, bits, 1, out) >> jnp.arange(8, dtype=jnp.int32)[None, None, :, None]) & 1
+    bit = bit.reshape(n8, 8, bits, out)
+    u = jnp.sum(bit << jnp.arange(bits, dtype=jnp.int32)[None, None, :, None], axis=2)
+    return u.reshape(n8 * 8, out) + lo
+
+
+@struct.dataclass
+class PackedTensor:
+    """A packed quantized kernel (see module docstring). ``shape`` is the float kernel's shape (one layer: stacked
+    layers add a leading axis to every array but not to ``shape``)."""
+
+    data: jax.Array  # uint8 [..., in·bits/8, out]
+    scale: jax.Array  # float16 [..., groups, out] ([..., 1, 1] per tensor)
+    offset: jax.Array | None  # float16 like scale when asymmetric, else None
+    bits: int = struct.field(pytree_node=False)
+    lo: int = struct.field(pytree_node=False)  # smallest code (-2^(bits-1) symmetric, 0 asymmetric)
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    n_in: int = struct.field(pytree_node=False)  # leading kernel dims that are inputs
+
+    is_packed = True  # lets quantizers refuse a packed tensor without importing this module
+
+    @property
+    def dtype(self):
+        return jnp.uint8
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The float kernel ``[*shape]`` (one layer) in ``dtype``."""
+        if self.data.ndim != 2:
+            raise ValueError(f"dequantize one layer at a time; data has shape {self.data.shape}")
+        n_in = math.prod(self.shape[: self.n_in])
+        codes = unpack_codes(self.data, self.bits, self.lo).astype(jnp.float32)
+        groups, out = self.scale.shape
+        codes = codes.reshape(groups, n_in // groups, -1)
+        w = codes * self.scale.astype(jnp.float32)[:, None, :]
+        if self.offset is not None:
+            w = w + self.offset.astype(jnp.float32)[:, None, :]
+        return jnp.broadcast_to(w, (groups, n_in // groups, codes.shape[-1])).reshape(self.shape).astype(dtype)
+
+
+def pack_matrix(qm: QuantizedMatrix, kernel_shape: tuple[int, ...], n_in: int = 1) -> PackedTensor:
+    """Packs a :class:`QuantizedMatrix` (``[outputs, inputs]`` layout; optionally stacked ``[layers, ...]``) as
+    the kernel of shape ``kernel_shape`` (one layer) whose first ``n_in`` dims are inputs."""
+    grid = qm.grid
+    codes, scale, offset = (jnp.asarray(a) for a in (qm.codes, qm.scale, qm.offset))
+    stacked = codes.ndim == 3
+
+    def one(codes, scale, offset):
+        if grid.per_tensor:
+            scale, offset = scale[:1, :1], offset[:1, :1]
+        data = pack_codes(codes.T, grid.bits, grid.levels[0])
+        return data, scale.T.astype(jnp.float16), None if grid.symmetric else offset.T.astype(jnp.float16)
+
+    data, s, o = jax.vmap(one)(codes, scale, offset) if stacked else one(codes, scale, offset)
+    return PackedTensor(data, s, o, grid.bits, grid.levels[0], tuple(kernel_shape), n_in)
+
+
+def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``jax.lax.dot_general`` that accepts a :class:`PackedTensor` right operand (dequantized in the step)."""
+    if isinstance(rhs, PackedTensor):
+        rhs = rhs.dequantize(lhs.dtype)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int]) -> dict:
+    """``pure`` params with every kernel that has a record in ``quantized`` (``compress_sequentially``'s
+    ``report["quantized"]``) replaced by its :class:`PackedTensor`; other leaves unchanged."""
+    def walk(params, records, name=None):
+        if isinstance(records, QuantizedMatrix):
+            shape = np.shape(params)
+            if isinstance(params, PackedTensor):
+                raise ConfigError("this tensor is already packed")
+            one_layer = shape[1:] if records.codes.ndim == 3 else shape
+            return pack_matrix(records, one_layer, kernel_input_dims.get(name, 1))
+        if isinstance(records, dict):
+            out = dict(params)
+            for key, sub in records.items():
+                out[key] = walk(params[key], sub, key if key != "kernel" else name)
+            return out
+        raise TypeError(f"unexpected record {type(records)}")
+
+    return walk(pure, quantized) if quantized else pure
+
+
+def packed_model(cfg, pure: dict) -> tuple[Any, Any]:
+    """``(graphdef, params)`` of a decoder whose linear layers run :func:`packed_dot_general` on ``pure``
+    (float leaves cast to the model's weight dtype; :class:`PackedTensor` kernels kept packed)."""
+    from flax import nnx
+
+    from llmopt_jax.parallel.rules import DEFAULT_RULES
+    from llmopt_jax.parallel.sharded_init import model_factory
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(cfg, 0, None, DEFAULT_RULES, packed_dot_general)))
+    state = jax.tree.map(lambda x: x, abstract)
+    cast = lambda x: x if isinstance(x, PackedTensor) else jnp.asarray(x, cfg.weight_dtype)  # noqa: E731
+    nnx.replace_by_pure_dict(state, jax.tree.map(cast, pure, is_leaf=lambda x: isinstance(x, PackedTensor)))
+    return graphdef, state
+
+
+def block_bits_per_weight(pure: dict) -> float:
+    """Stored bits per weight of the decoder blocks' linear kernels in ``pure``: packed ones count their codes,
+    scales and offsets, float ones their dtype's width."""
+    is_packed = lambda x: isinstance(x, PackedTensor)  # noqa: E731
+    flat = jax.tree_util.tree_flatten_with_path(pure["layers"], is_leaf=is_packed)[0]
+    held = weights = 0
+    for path, leaf in flat:
+        if getattr(path[-1], "key", None) != "kernel":
+            continue
+        held += sum(int(np.size(a)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(leaf))
+        weights += int(np.size(leaf.data)) * 8 // leaf.bits if is_packed(leaf) else int(np.size(leaf))
+    return 8.0 * held / weights
