@@ -97,11 +97,10 @@ def compress_model(model, calib: np.ndarray | None, step: dict | None, calib_bat
     return graphdef, params, pure, report
 
 
-def prune_and_evaluate(model, calib: np.ndarray | None, step: dict | None, texts: dict[str, tuple[np.ndarray, int]],
-                       eval_seq_len: int, eval_batch_size: int, calib_batch_size: int = 8,
-                       progress: bool = False) -> dict[str, Any]:
-    """Compresses ``model`` with one recipe ``step`` (``None`` = dense) calibrated on ``calib`` ``[n, len]`` and
-    measures perplexity on every ``texts[name] = (tokens, max_windows)``.
+def evaluate_model(graphdef, params, pure: dict, report: dict, texts: dict[str, tuple[np.ndarray, int]],
+                   eval_seq_len: int, eval_batch_size: int) -> dict[str, Any]:
+    """Measures the model ``(graphdef, params)`` (``pure``: its weights as floats, ``report``: how it was
+    compressed, may be empty) on every ``texts[name] = (tokens, max_windows)``.
 
     Returns ``sparsity`` (measured), ``seconds_compress``, ``bits_per_weight`` (of the block linear layers),
     ``model_bytes`` (every array the evaluated model holds) and ``perplexity_NAME`` / ``num_eval_tokens_NAME``.
@@ -113,7 +112,6 @@ def prune_and_evaluate(model, calib: np.ndarray | None, step: dict | None, texts
     from llmopt_jax.eval.perplexity import evaluate_perplexity
     from llmopt_jax.infer.roofline import tree_bytes
 
-    graphdef, params, pure, report = compress_model(model, calib, step, calib_batch_size, progress)
     row: dict[str, Any] = {"sparsity": measured_sparsity(pure), "seconds_compress": report.get("seconds", 0.0),
                            "bits_per_weight": block_bits_per_weight(nnx.to_pure_dict(params)),
                            "model_bytes": tree_bytes(params)}
@@ -123,6 +121,14 @@ def prune_and_evaluate(model, calib: np.ndarray | None, step: dict | None, texts
         row[f"perplexity_{name}"] = result.perplexity
         row[f"num_eval_tokens_{name}"] = result.num_eval_tokens
     return row
+
+
+def prune_and_evaluate(model, calib: np.ndarray | None, step: dict | None, texts: dict[str, tuple[np.ndarray, int]],
+                       eval_seq_len: int, eval_batch_size: int, calib_batch_size: int = 8,
+                       progress: bool = False) -> dict[str, Any]:
+    """:func:`compress_model` with one recipe ``step`` (``None`` = dense), then :func:`evaluate_model`."""
+    graphdef, params, pure, report = compress_model(model, calib, step, calib_batch_size, progress)
+    return evaluate_model(graphdef, params, pure, report, texts, eval_seq_len, eval_batch_size)
 
 
 def print_row(label: str, row: dict) -> None:

@@ -1,0 +1,63 @@
+"""The quantization case study grid: ``--config=configs/quantization_case_study.py:PRESET`` (default | smoke).
+
+Rows, in the order they run (a killed run resumes; every row is independent):
+- ``float32`` and ``bfloat16`` storage of the unquantized model;
+- ``rtn`` and ``gptq`` at every ``bits`` x ``group_sizes`` (-1 = one scale per output channel), asymmetric grid;
+- ``gptq`` with act-order at the ``act_order`` settings (``BITS/GROUP``, comma-separated);
+- ``extras``: ``sparsegpt_gptq`` (50 % SparseGPT + 4-bit symmetric per channel in one pass), ``smoothquant``
+  (W8A8: int8 weights, dynamic per-token int8 activations), ``qat`` (evaluates the model saved by the QAT preset
+  of ``experiments/train.py`` at ``qat_model``, quantized with RTN at the bits it was trained for).
+Each row reports perplexity on a text close to the calibration domain (standard-library docstrings;
+calibration: ``pydoc_data.topics``) and one far from it (Python's LICENSE.txt), bits per weight, the bytes the
+packed model holds and its decode speed (measured once per storage format).
+"""
+
+from ml_collections import ConfigDict
+
+from llmopt_jax.errors import ConfigError
+
+PRESETS = {
+    "default": dict(bits="3,4,2,8", group_sizes="-1,64,128,32", act_order="4/-1,3/-1,3/64,2/64",
+                    extras="sparsegpt_gptq,smoothquant,qat", num_samples=128, seq_len=512, close_windows=32,
+                    far_windows=0, decode_tokens=32),
+    "smoke": dict(bits="4", group_sizes="-1,64", act_order="4/-1", extras="sparsegpt_gptq,smoothquant",
+                  num_samples=8, seq_len=128, close_windows=2, far_windows=2, decode_tokens=4),
+}
+
+
+def get_config(preset: str = "default") -> ConfigDict:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown quantization case-study preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    c = ConfigDict()
+    c.preset = preset
+    c.model = "smollm2-135m"
+    c.methods = "rtn,gptq"
+    c.bits = p["bits"]  # comma-separated, each in 2..8
+    c.group_sizes = p["group_sizes"]  # comma-separated; -1 = per output channel
+    c.act_order = p["act_order"]  # extra gptq rows with act-order: BITS/GROUP, comma-separated
+    c.extras = p["extras"]  # any of sparsegpt_gptq, smoothquant, qat
+    c.qat_model = "runs/qat/model"  # a safetensors directory written by configs/train.py:qat (for the qat row)
+    c.qat_bits = 3
+    c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))  # solver settings of GPTQ and SparseGPT
+    c.smoothquant_alpha = 0.5  # migration strength: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+    c.calib = ConfigDict()
+    c.calib.text_file = ""
+    c.calib.sources = "topics"  # one domain, as in the SparseGPT case study, so the far text shows overfitting
+    c.calib.num_samples = p["num_samples"]
+    c.calib.seq_len = p["seq_len"]
+    c.calib.seed = 0
+    c.calib.batch_size = 8
+
+    c.eval = ConfigDict()
+    c.eval.close_text_file = ""  # empty = standard-library docstrings
+    c.eval.far_text_file = ""  # empty = Python's LICENSE.txt
+    c.eval.seq_len = 512
+    c.eval.batch_size = 4
+    c.eval.close_max_windows = p["close_windows"]  # 0 = all
+    c.eval.far_max_windows = p["far_windows"]
+    c.decode_tokens = p["decode_tokens"]  # new tokens per timed greedy decode (batch 1); 0 = skip decode timing
+    c.decode_repeats = 3
+    c.progress = True
+    return c

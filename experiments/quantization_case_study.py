@@ -1,0 +1,240 @@
+"""Quantization case study: perplexity vs bits per weight on the real model (RTN, GPTQ, SparseGPT+GPTQ,
+SmoothQuant W8A8, QAT), with the bytes the packed model holds and its decode speed.
+
+    python -m experiments.quantization_case_study --config=configs/quantization_case_study.py:default \
+        --workdir=runs/quant_case
+
+Every finished row is appended to WORKDIR/rows.jsonl, so a killed run continues where it stopped. At the end:
+results.json (rows + settings), table.md and perplexity_vs_bits.png (perplexity against bits per weight of the
+block linear layers, one panel per text, with the Pareto front of each text).
+"""
+
+from llmopt_jax import cli
+
+
+def grid(config) -> list[dict]:
+    """Rows in the order they run (see ``configs/quantization_case_study.py``)."""
+    rows = [row("float32"), row("bfloat16")]
+    act_order = {tuple(int(v) for v in item.split("/")) for item in config.act_order.split(",") if item}
+    methods = [m for m in config.methods.split(",") if m]
+    for bits in [int(b) for b in config.bits.split(",") if b]:
+        for group in [int(g) for g in config.group_sizes.split(",") if g]:
+            rows += [row(m, bits, group) for m in methods]
+            if (bits, group) in act_order and "gptq" in methods:
+                rows.append(row("gptq", bits, group, act_order=True))
+    extras = {"sparsegpt_gptq": row("sparsegpt_gptq", 4, -1), "smoothquant": row("smoothquant", 8, -1),
+              "qat": row("qat", config.qat_bits, -1)}
+    for name in [e for e in config.extras.split(",") if e]:
+        if name not in extras:
+            raise cli_error(f"unknown extra row {name!r}; choose from {sorted(extras)}")
+        rows.append(extras[name])
+    return rows
+
+
+def cli_error(message):
+    from llmopt_jax.errors import ConfigError
+
+    return ConfigError(message)
+
+
+def row(method: str, bits: int = 32, group_size: int = -1, act_order: bool = False) -> dict:
+    return {"method": method, "bits": bits, "group_size": group_size, "act_order": act_order}
+
+
+def row_key(r: dict) -> str:
+    return f"{r['method']}/{r['bits']}/{r['group_size']}/{'act' if r['act_order'] else 'seq'}"
+
+
+def label(r: dict) -> str:
+    if r["method"] in ("float32", "bfloat16"):
+        return r["method"]
+    layout = "per channel" if r["group_size"] <= 0 else f"g{r['group_size']}"
+    extra = {"sparsegpt_gptq": " + 50% sparse", "smoothquant": " W8A8", "qat": " (QAT, then RTN)"}.get(r["method"], "")
+    name = r["method"] if r["method"] not in ("sparsegpt_gptq", "smoothquant", "qat") else \
+        {"sparsegpt_gptq": "SparseGPT+GPTQ", "smoothquant": "SmoothQuant", "qat": "QAT"}[r["method"]]
+    return f"{name} {r['bits']}-bit {layout}{' act-order' if r['act_order'] else ''}{extra}"
+
+
+def recipe_step(config, r: dict) -> dict | None:
+    """The compression step of a quantizing row (None for the float rows; SmoothQuant and QAT are special)."""
+    solver = {"blocksize": config.sparsegpt.blocksize, "damp_fraction": config.sparsegpt.damp_fraction}
+    if r["method"] == "rtn":
+        return {"name": "rtn", "bits": r["bits"], "group_size": r["group_size"]}
+    if r["method"] == "gptq":
+        return {"name": "gptq", "bits": r["bits"], "group_size": r["group_size"], "act_order": r["act_order"],
+                **solver}
+    if r["method"] == "sparsegpt_gptq":
+        return {"name": "sparsegpt", "sparsity": 0.5, "bits": r["bits"], "group_size": r["group_size"], **solver}
+    return None
+
+
+def storage_format(r: dict) -> str:
+    """Rows with the same format hold the same arrays, so decode is timed once per format."""
+    if r["method"] in ("float32", "bfloat16", "smoothquant"):
+        return r["method"]
+    sym = "sym" if r["method"] == "sparsegpt_gptq" else "asym"
+    return f"int{r['bits']}/{r['group_size']}/{sym}"
+
+
+def decode_tokens_per_s(graphdef, params, prompt: list[int], new_tokens: int, repeats: int) -> float:
+    """Median greedy decode tokens/s at batch 1 (after a compiling run)."""
+    import statistics
+
+    from llmopt_jax.infer.generate import Generator
+
+    gen = Generator(graphdef, params)
+    gen.generate([prompt], new_tokens)
+    return statistics.median(gen.generate([prompt], new_tokens).decode_tokens_per_s for _ in range(repeats))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| row | bits/weight | model MiB | ppl close | ppl far | decode tok/s | compress s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        decode = f"{r['decode_tokens_per_s']:.1f}" if r.get("decode_tokens_per_s") else ""
+        lines.append(f"| {label(r)} | {r['bits_per_weight']:.2f} | {r['model_bytes'] / 2**20:.1f} | "
+                     f"{r['perplexity_close']:.2f} | {r['perplexity_far']:.2f} | {decode} | "
+                     f"{r['seconds_compress']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (fewer bits and lower perplexity), sorted by bits."""
+    front, best = [], float("inf")
+    for bits, ppl in sorted(points):
+        if ppl < best:
+            front.append((bits, ppl))
+            best = ppl
+    return front
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"rtn": ("tab:red", "o"), "gptq": ("tab:blue", "s"), "sparsegpt_gptq": ("tab:purple", "D"),
+              "smoothquant": ("tab:orange", "^"), "qat": ("tab:green", "P"), "float32": ("black", "*"),
+              "bfloat16": ("gray", "*")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, text in zip(axes, ("close", "far")):
+        seen = set()
+        for r in rows:
+            color, marker = styles[r["method"]]
+            name = r["method"] + (" act-order" if r["act_order"] else "")
+            ax.scatter(r["bits_per_weight"], r[f"perplexity_{text}"], color=color, marker=marker,
+                       facecolors="none" if r["act_order"] else color, label=None if name in seen else name, s=30)
+            seen.add(name)
+        front = pareto_front([(r["bits_per_weight"], r[f"perplexity_{text}"]) for r in rows])
+        ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("stored bits per weight of the block linear layers (scales included)")
+        ax.set_title(f"{text}-domain text")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("perplexity (log)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def settings(config) -> dict:
+    """Everything besides the row itself that decides a row's numbers (stored with each row)."""
+    def without_batch(d):
+        return {k: v for k, v in d.to_dict().items() if k != "batch_size"}
+
+    return {"model": config.model, "calib": without_batch(config.calib), "sparsegpt": config.sparsegpt.to_dict(),
+            "eval": without_batch(config.eval), "smoothquant_alpha": config.smoothquant_alpha,
+            "qat_model": config.qat_model}
+
+
+def evaluate_row(config, model, calib, texts, r: dict) -> tuple[dict, object, object]:
+    """Compresses per row ``r`` and evaluates; returns ``(numbers, graphdef, params)`` of the evaluated model."""
+    import dataclasses
+
+    from flax import nnx
+
+    from llmopt_jax.compress.study import compress_model, evaluate_model
+    from llmopt_jax.parallel.sharded_init import load_params
+
+    if r["method"] == "bfloat16":
+        cfg = dataclasses.replace(model.cfg, param_dtype="bfloat16")
+        graphdef, params = load_params(cfg, nnx.to_pure_dict(model.params))
+        pure, report = nnx.to_pure_dict(params), {}
+    elif r["method"] == "smoothquant":
+        from llmopt_jax.compress.smoothquant import smoothquant_w8a8
+
+        graphdef, params, pure, report = smoothquant_w8a8(model, calib, config.smoothquant_alpha,
+                                                          config.calib.batch_size, config.progress)
+    elif r["method"] == "qat":
+        from llmopt_jax.io.load import load_pretrained
+
+        step = {"name": "rtn", "bits": r["bits"], "group_size": r["group_size"]}
+        graphdef, params, pure, report = compress_model(load_pretrained(config.qat_model), None, step)
+    else:
+        graphdef, params, pure, report = compress_model(model, calib, recipe_step(config, r),
+                                                        config.calib.batch_size, config.progress)
+    numbers = evaluate_model(graphdef, params, pure, report, texts, config.eval.seq_len, config.eval.batch_size)
+    return numbers, graphdef, params
+
+
+def main(config, workdir):
+    import os
+
+    from llmopt_jax.compress.recipe import from_recipe
+    from llmopt_jax.compress.study import ResumableRows, eval_texts, print_row
+    from llmopt_jax.data.text import calibration_windows, check_calibration_text
+    from llmopt_jax.io.load import load_pretrained
+    from llmopt_jax.jsonio import write_json
+
+    workdir = cli.prepare_workdir(config, workdir)
+    todo = grid(config)
+    for r in todo:  # validate every step before anything slow happens
+        step = recipe_step(config, r)
+        if step is not None:
+            from_recipe([step])
+    if any(r["method"] == "qat" for r in todo) and not os.path.isdir(config.qat_model):
+        raise cli_error(f"qat_model={config.qat_model!r} is not a directory: run the QAT preset first "
+                        "(python -m experiments.train --config=configs/train.py:qat) or drop 'qat' from extras")
+    check_calibration_text(config.calib.text_file, config.calib.sources)
+    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings(config))
+    model = load_pretrained(config.model)
+    tok = model.require_tokenizer()
+    texts = eval_texts(tok, config.eval.close_text_file, config.eval.far_text_file, config.eval.close_max_windows,
+                       config.eval.far_max_windows)
+    calib = calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,
+                                config.calib.seq_len, config.calib.seed)
+    prompt = list(texts["close"][0][:32])
+    decode_by_format = {storage_format(r): r["decode_tokens_per_s"] for r in finished.done.values()
+                        if r.get("decode_tokens_per_s")}
+
+    for r in todo:
+        if finished.get(r) is not None:
+            continue
+        numbers, graphdef, params = evaluate_row(config, model, calib, texts, r)
+        fmt = storage_format(r)
+        if config.decode_tokens > 0 and fmt not in decode_by_format:
+            decode_by_format[fmt] = decode_tokens_per_s(graphdef, params, prompt, config.decode_tokens,
+                                                        config.decode_repeats)
+        del graphdef, params
+        done = finished.add({**r, **numbers, "storage_format": fmt,
+                             "decode_tokens_per_s": decode_by_format.get(fmt, 0.0)})
+        print_row(f"{label(done):42s} {done['bits_per_weight']:5.2f} b/w", done)
+
+    rows = [finished.get(r) for r in todo]
+    write_json(os.path.join(workdir, "results.json"), {
+        "rows": rows, "calib_windows": config.calib.num_samples, "calib_seq_len": config.calib.seq_len,
+        "calib_text": config.calib.text_file or config.calib.sources,
+        "close_text": config.eval.close_text_file or "stdlib docstrings",
+        "far_text": config.eval.far_text_file or "Python LICENSE.txt", "model": model.path})
+    table = markdown_table(rows)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(table)
+    plot(rows, os.path.join(workdir, "perplexity_vs_bits.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    cli.run(main)
