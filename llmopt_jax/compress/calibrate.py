@@ -135,6 +135,7 @@ def compress_sequentially(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    keep_abs_max: bool = False,
 ) -> tuple[dict, dict]:
     """Applies ``transform`` to every linear weight of every block, block by block (SparseGPT's procedure).
 
@@ -142,8 +143,8 @@ def compress_sequentially(
     ``[N, L]`` calibration tokens. Returns ``(new pure params dict, report)``; the input is not modified.
     ``report`` has ``layers`` (a :class:`LayerReport` per matrix), ``masks`` (keep-masks in kernel shape,
     nested like the params), ``quantized`` (each quantized matrix's ``QuantizedMatrix`` in the ``[outputs,
-    inputs]`` layout, nested like the params and stacked like them; empty when nothing was quantized) and
-    ``seconds``.
+    inputs]`` layout, nested like the params and stacked like them; empty when nothing was quantized),
+    ``seconds`` and, with ``keep_abs_max``, ``abs_max``: per block, each input group's largest ``|x_j|`` ``[d]``.
     """
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     windows = np.asarray(windows, np.int32)
@@ -163,13 +164,15 @@ def compress_sequentially(
             "mlp_out": cfg.mlp_dim}
 
     t_start = time.perf_counter()
-    new_layers, layer_masks, layer_quantized, reports = [], [], [], []
+    new_layers, layer_masks, layer_quantized, reports, abs_max = [], [], [], [], []
     for i in tqdm(range(cfg.num_layers), desc="blocks", disable=not progress, leave=False):
         block = jax.tree.map(f32, _layer(pure, i, stacked))
         stats = {g: InputStats.zeros(d) for g, d in dims.items()} if calibrated else dict.fromkeys(dims)
         for x in xs if calibrated else ():
             stats = runner.accumulate(block, x, stats)
         stats = jax.block_until_ready(stats)  # so the per-matrix seconds below time the transform alone
+        if keep_abs_max:
+            abs_max.append({group: np.asarray(s.abs_max) for group, s in stats.items()})
         new_block = jax.tree.map(lambda a: a, block)  # a new tree; leaves are immutable arrays
         masks: dict = {}
         quantized: dict = {}
@@ -209,4 +212,4 @@ def compress_sequentially(
         quantized_out = dict(enumerate(layer_quantized)) if layer_quantized[0] else {}
     return out, {"layers": reports, "masks": {"layers": masks_out},
                  "quantized": {"layers": quantized_out} if quantized_out else {},
-                 "seconds": time.perf_counter() - t_start}
+                 "seconds": time.perf_counter() - t_start, **({"abs_max": abs_max} if keep_abs_max else {})}

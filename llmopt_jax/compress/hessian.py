@@ -1,7 +1,8 @@
 """Input statistics of a linear layer, accumulated over calibration tokens.
 
 For inputs ``X`` ``[n, d_in]`` the layer-wise reconstruction problem ``min ‖WX − ŴX‖²`` has Hessian
-``H = 2 XᵀX / n`` (SparseGPT/GPTQ); Wanda needs the column norms ``‖X_j‖₂``. Both come from one pass.
+``H = 2 XᵀX / n`` (SparseGPT/GPTQ); Wanda needs the column norms ``‖X_j‖₂``, SmoothQuant the largest
+``|X_j|``. All come from one pass.
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ from flax import struct
 
 @struct.dataclass
 class InputStats:
-    """Running sums over calibration tokens: ``xtx`` float32 ``[d, d]``, ``sq_norms`` float32 ``[d]``, ``count``."""
+    """Running statistics over calibration tokens: ``xtx`` float32 ``[d, d]``, ``sq_norms`` float32 ``[d]``,
+    ``abs_max`` float32 ``[d]`` (largest ``|x_j|`` seen), ``count``."""
 
     xtx: jax.Array
     sq_norms: jax.Array
     count: jax.Array
+    abs_max: jax.Array
 
     @classmethod
     def zeros(cls, dim: int) -> "InputStats":
-        return cls(jnp.zeros((dim, dim), jnp.float32), jnp.zeros((dim,), jnp.float32), jnp.zeros((), jnp.int32))
+        return cls(jnp.zeros((dim, dim), jnp.float32), jnp.zeros((dim,), jnp.float32), jnp.zeros((), jnp.int32),
+                   jnp.zeros((dim,), jnp.float32))
 
     def update(self, x: jax.Array) -> "InputStats":
         """Adds inputs ``x`` ``[..., d]`` (any leading shape; each row is one token)."""
         x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
         xtx = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
-        return InputStats(self.xtx + xtx, self.sq_norms + jnp.sum(x * x, axis=0), self.count + x.shape[0])
+        return InputStats(self.xtx + xtx, self.sq_norms + jnp.sum(x * x, axis=0), self.count + x.shape[0],
+                          jnp.maximum(self.abs_max, jnp.max(jnp.abs(x), axis=0)))
 
     @property
     def hessian(self) -> jax.Array:

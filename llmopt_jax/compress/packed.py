@@ -139,24 +139,26 @@ def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int]) 
     return walk(pure, quantized) if quantized else pure
 
 
-def packed_model(cfg, pure: dict) -> tuple[Any, Any]:
-    """``(graphdef, params)`` of a decoder whose linear layers run :func:`packed_dot_general` on ``pure``
-    (float leaves cast to the model's weight dtype; :class:`PackedTensor` kernels kept packed)."""
+def packed_model(cfg, pure: dict, dot_general=None) -> tuple[Any, Any]:
+    """``(graphdef, params)`` of a decoder whose linear layers run ``dot_general`` (default
+    :func:`packed_dot_general`) on ``pure`` (float leaves cast to the model's weight dtype; :class:`PackedTensor`
+    kernels kept packed)."""
     from flax import nnx
 
     from llmopt_jax.parallel.rules import DEFAULT_RULES
     from llmopt_jax.parallel.sharded_init import model_factory
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(cfg, 0, None, DEFAULT_RULES, packed_dot_general)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(cfg, 0, None, DEFAULT_RULES,
+                                                                      dot_general or packed_dot_general)))
     state = jax.tree.map(lambda x: x, abstract)
     cast = lambda x: x if isinstance(x, PackedTensor) else jnp.asarray(x, cfg.weight_dtype)  # noqa: E731
     nnx.replace_by_pure_dict(state, jax.tree.map(cast, pure, is_leaf=lambda x: isinstance(x, PackedTensor)))
     return graphdef, state
 
 
-def block_bits_per_weight(pure: dict) -> float:
-    """Stored bits per weight of the decoder blocks' linear kernels in ``pure``: packed ones count their codes,
-    scales and offsets, float ones their dtype's width."""
+def block_linear_sizes(pure: dict) -> tuple[int, int]:
+    """``(bytes held, weights stood for)`` by the decoder blocks' linear kernels in ``pure``: packed ones count
+    their codes, scales and offsets, float ones their dtype's width."""
     is_packed = lambda x: isinstance(x, PackedTensor)  # noqa: E731
     flat = jax.tree_util.tree_flatten_with_path(pure["layers"], is_leaf=is_packed)[0]
     held = weights = 0
@@ -165,4 +167,10 @@ def block_bits_per_weight(pure: dict) -> float:
             continue
         held += sum(int(np.size(a)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(leaf))
         weights += int(np.size(leaf.data)) * 8 // leaf.bits if is_packed(leaf) else int(np.size(leaf))
+    return held, weights
+
+
+def block_bits_per_weight(pure: dict) -> float:
+    """Stored bits per weight of the decoder blocks' linear kernels (see :func:`block_linear_sizes`)."""
+    held, weights = block_linear_sizes(pure)
     return 8.0 * held / weights

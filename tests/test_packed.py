@@ -1,0 +1,111 @@
+"""Packed int2..int8 storage: exact round trips, real byte counts, packed matmul == dequantized matmul, and a
+whole model (forward and decode) running from packed weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llmopt_jax.compress.calibrate import KERNEL_INPUT_DIMS, compress_sequentially, kernel_to_matrix
+from llmopt_jax.compress.packed import (
+    PackedTensor, block_bits_per_weight, block_linear_sizes, pack_codes, pack_matrix, pack_params, packed_dot_general, packed_model,
+    unpack_codes,
+)
+from llmopt_jax.compress.quantize import QuantGrid, rtn_quantize
+from llmopt_jax.compress.recipe import from_recipe
+from llmopt_jax.errors import ConfigError
+from llmopt_jax.infer.generate import Generator
+from llmopt_jax.infer.roofline import tree_bytes
+from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.parallel.sharded_init import init_model, load_params
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_pack_round_trip_is_exact_and_holds_bits_per_code(bits, symmetric):
+    lo = -(2 ** (bits - 1)) if symmetric else 0
+    codes = np.random.default_rng(bits).integers(lo, lo + 2**bits, (64, 24))
+    codes[0, 0], codes[1, 0] = lo, lo + 2**bits - 1  # both extremes
+    data = pack_codes(jnp.asarray(codes), bits, lo)
+    assert data.dtype == jnp.uint8 and data.shape == (64 * bits // 8, 24)
+    np.testing.assert_array_equal(np.asarray(unpack_codes(data, bits, lo)), codes)
+
+
+def test_four_bit_codes_are_two_per_byte_low_nibble_first():
+    codes = jnp.asarray([[1], [2], [3], [4], [5], [6], [7], [15]])
+    np.testing.assert_array_equal(np.asarray(pack_codes(codes, 4, 0))[:, 0], [0x21, 0x43, 0x65, 0xF7])
+
+
+def test_packing_needs_a_multiple_of_8_inputs():
+    with pytest.raises(ConfigError, match="divisible by 8"):
+        pack_codes(jnp.zeros((12, 4), jnp.int32), 3, 0)
+
+
+@pytest.mark.parametrize("grid", [QuantGrid(4, 16), QuantGrid(3), QuantGrid(2, 32, symmetric=True),
+                                  QuantGrid(8, symmetric=True), QuantGrid(4, per_tensor=True)])
+@pytest.mark.parametrize("kernel_shape, n_in", [((64, 24), 1), ((4, 16, 24), 2)])
+def test_packed_matmul_equals_dequantized_matmul(grid, kernel_shape, n_in):
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal(kernel_shape).astype(np.float32)
+    name = "o_proj" if n_in == 2 else "q_proj"
+    w_hat, qm = rtn_quantize(kernel_to_matrix(name, kernel), grid)
+    packed = pack_matrix(qm, kernel_shape, n_in)
+    dense = np.asarray(w_hat).T.reshape(kernel_shape)
+    np.testing.assert_array_equal(np.asarray(packed.dequantize()), dense)
+    x = jnp.asarray(rng.standard_normal((3, 5) + kernel_shape[:n_in]), jnp.float32)
+    dims = ((tuple(range(2, 2 + n_in)), tuple(range(n_in))), ((), ()))
+    got = packed_dot_general(x, packed, dims, preferred_element_type=jnp.float32)
+    want = jax.lax.dot_general(x, jnp.asarray(dense), dims, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=64)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["scan", "list"])
+def quantized(request):
+    cfg = ModelConfig(**{**CFG.__dict__, "scan_layers": request.param})
+    graphdef, params = init_model(cfg, seed=3)
+    windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16))
+    step = {"name": "gptq", "bits": 4, "group_size": 16, "act_order": True}
+    new, report = compress_sequentially(cfg, params, windows, from_recipe([step]), batch_size=2, progress=False)
+    return cfg, graphdef, params, new, report, windows
+
+
+def test_packed_model_equals_the_dequantized_float_model(quantized):
+    cfg, graphdef, _, new, report, windows = quantized
+    pgraph, pparams = packed_model(cfg, pack_params(new, report["quantized"], KERNEL_INPUT_DIMS))
+    kernels = [x for x in jax.tree.leaves(nnx.to_pure_dict(pparams), is_leaf=lambda x: isinstance(x, PackedTensor))
+               if isinstance(x, PackedTensor)]
+    assert len(kernels) == 7 * (1 if cfg.scan_layers else cfg.num_layers)  # every block linear is packed
+    _, fparams = load_params(cfg, new)
+    got, _ = nnx.merge(pgraph, pparams)(jnp.asarray(windows))
+    want, _ = nnx.merge(graphdef, fparams)(jnp.asarray(windows))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # Greedy decoding from the packed weights (KV cache, prefill + decode steps) picks the same tokens.
+    prompt = [list(windows[0, :6])]
+    packed_tokens = Generator(pgraph, pparams).generate(prompt, 8).tokens
+    assert packed_tokens == Generator(graphdef, fparams).generate(prompt, 8).tokens
+
+
+def test_packed_4bit_linear_bytes_are_at_most_0_3x_float32(quantized):
+    cfg, _, params, new, report, _ = quantized
+    _, pparams = packed_model(cfg, pack_params(new, report["quantized"], KERNEL_INPUT_DIMS))
+    pure_f, pure_p = nnx.to_pure_dict(params), nnx.to_pure_dict(pparams)
+    (packed_bytes, n), (float_bytes, n_f) = block_linear_sizes(pure_p), block_linear_sizes(pure_f)
+    assert n == n_f and float_bytes == 4 * n
+    assert packed_bytes == n * 4 // 8 + 2 * 2 * n // 16  # codes, then an f16 scale and offset per 16 weights
+    assert packed_bytes <= 0.3 * float_bytes
+    assert block_bits_per_weight(pure_p) == pytest.approx(4 + 32 / 16)
+    assert tree_bytes(pparams) == tree_bytes(params) - float_bytes + packed_bytes  # nothing else is held
+
+
+def test_quantizing_a_packed_tensor_is_refused(quantized):
+    cfg, _, _, new, report, _ = quantized
+    packed = pack_params(new, report["quantized"], KERNEL_INPUT_DIMS)
+    kernel = (packed["layers"]["q_proj"] if cfg.scan_layers else packed["layers"][0]["q_proj"])["kernel"]
+    with pytest.raises(ConfigError, match="already packed"):
+        rtn_quantize(kernel, QuantGrid(4))
+    with pytest.raises(ConfigError, match="already packed"):
+        pack_params(packed, report["quantized"], KERNEL_INPUT_DIMS)
