@@ -2,7 +2,8 @@
 
 METHOD: ``dense`` (no change, the baseline), ``magnitude``, ``wanda``, ``sparsegpt`` (pruning), ``rtn``, ``gptq``
 (4-bit per-channel quantization unless ``--config.bits`` / ``--config.group_size`` say otherwise),
-``sparsegpt_gptq`` (50 % SparseGPT and 4-bit symmetric quantization in one pass), or ``smoke`` (SparseGPT with
+``sparsegpt_gptq`` (50 % SparseGPT and 4-bit symmetric quantization in one pass), ``smoothquant`` (W8A8: int8
+per-channel weights after SmoothQuant smoothing, dynamic per-token int8 activations), or ``smoke`` (SparseGPT with
 a tiny calibration set and a short evaluation, for tests; ``--config.method=gptq --config.bits=4`` makes it a
 quantization smoke run). Calibration defaults to 128 seeded windows of 512
 tokens drawn in equal shares from three domains that ship with Python: ``pydoc_data.topics``, standard-library
@@ -15,8 +16,8 @@ from ml_collections import ConfigDict
 
 from llmopt_jax.errors import ConfigError
 
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "rtn", "gptq", "sparsegpt_gptq")
-QUANTIZING = ("rtn", "gptq", "sparsegpt_gptq")
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "rtn", "gptq", "sparsegpt_gptq", "smoothquant")
+QUANTIZING = ("rtn", "gptq", "sparsegpt_gptq", "smoothquant")
 
 
 def get_config(preset: str = "sparsegpt") -> ConfigDict:
@@ -28,7 +29,8 @@ def get_config(preset: str = "sparsegpt") -> ConfigDict:
     c.model = "smollm2-135m"  # a known name, a GGUF file, or a directory with config.json + *.safetensors
     c.sparsity = 0.5  # fraction of zeros per matrix for unstructured pruning, in [0, 1)
     c.pattern = ""  # "" = unstructured; "N:M" keeps N of every M consecutive inputs (sparsity is then 1 - N/M)
-    c.bits = 4 if preset in QUANTIZING else 32  # 2..8 for the quantizing methods; 32 = float weights
+    c.bits = {"smoothquant": 8}.get(preset, 4 if preset in QUANTIZING else 32)  # 2..8 quantized; 32 = float
+    c.smoothquant_alpha = 0.5  # migration strength: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
     c.group_size = -1  # inputs per quantization group; 0 or -1 = one scale per output channel
     c.symmetric = False  # rtn/gptq grid: False = scale + offset per group (Q4_1-like); sparsegpt_gptq: always symmetric
     c.act_order = False  # gptq: visit columns by decreasing Hessian diagonal (implies static groups)

@@ -25,6 +25,7 @@ def main(config, workdir):
 
     from llmopt_jax.compress.calibrate import measured_sparsity
     from llmopt_jax.compress.packed import block_bits_per_weight
+    from llmopt_jax.compress.smoothquant import smoothquant_w8a8
     from llmopt_jax.compress.study import compress_model
     from llmopt_jax.compress.prune import parse_pattern
     from llmopt_jax.compress.recipe import from_recipe
@@ -38,7 +39,8 @@ def main(config, workdir):
 
     workdir = cli.prepare_workdir(config, workdir)
     step = compression_step(config)
-    transform = None if step is None else from_recipe([step])  # validates before the model loads
+    if step is not None:
+        from_recipe([step])  # validates before the model loads
     eval_text = load_texts(config.eval.text_file) if config.eval.text_file else stdlib_docstrings_text()
     check_calibration_text(config.calib.text_file, config.calib.sources)  # fails before the model loads
 
@@ -49,11 +51,15 @@ def main(config, workdir):
             raise ConfigError(f"{key}.seq_len={config[key].seq_len} must be in [2, {model.cfg.max_seq_len}] "
                               "(the model's context)")
     calib = None
-    if transform is not None:
+    if config.method != "dense":
         calib = calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,
                                     config.calib.seq_len, config.calib.seed)
     # Quantized kernels stay packed in `params`: the evaluation below runs from the packed weights.
-    graphdef, params, pure, report = compress_model(model, calib, step, config.calib.batch_size, config.progress)
+    if config.method == "smoothquant":
+        graphdef, params, pure, report = smoothquant_w8a8(model, calib, config.smoothquant_alpha,
+                                                          config.calib.batch_size, config.progress)
+    else:
+        graphdef, params, pure, report = compress_model(model, calib, step, config.calib.batch_size, config.progress)
     seconds, layers = report.get("seconds", 0.0), report.get("layers", [])
     result = evaluate_perplexity(graphdef, params, np.asarray(tok.encode(eval_text)), config.eval.seq_len,
                                  config.eval.batch_size, max_windows=config.eval.max_windows, progress=config.progress)
@@ -74,7 +80,7 @@ def main(config, workdir):
         "model_bytes": model_bytes,
         "seconds_compress": seconds,
         "seconds_eval": result.seconds,
-        "calib_windows": 0 if transform is None else int(config.calib.num_samples),
+        "calib_windows": 0 if calib is None else int(config.calib.num_samples),
         "calib_seq_len": int(config.calib.seq_len),
         "calib_text": config.calib.text_file or config.calib.sources,
         "model": model.path,
@@ -89,7 +95,7 @@ def main(config, workdir):
           f"model {model_bytes / 2**20:.1f} MiB, compress {seconds:.1f} s")
 
 
-QUANTIZING = ("rtn", "gptq", "sparsegpt_gptq")
+QUANTIZING = ("rtn", "gptq", "sparsegpt_gptq", "smoothquant")
 
 
 def compression_step(config) -> dict | None:
@@ -104,7 +110,9 @@ def compression_step(config) -> dict | None:
                           f"{config.method} keeps 32-bit weights")
     if config.method in QUANTIZING and config.bits == 32:
         raise ConfigError(f"method {config.method} quantizes: set --config.bits to 2..8")
-    if config.method == "dense":
+    if config.method == "smoothquant" and config.bits != 8:
+        raise ConfigError(f"smoothquant is W8A8: bits must be 8, got {config.bits}")
+    if config.method in ("dense", "smoothquant"):
         return None
     prune = {"sparsity": config.sparsity, "pattern": config.pattern}
     grid = {"bits": config.bits, "group_size": config.group_size}

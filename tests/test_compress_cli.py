@@ -33,9 +33,35 @@ def test_compress_smoke_prunes_and_saves(tmp_path):
     assert (groups <= 2).all()
 
 
+def test_compress_smoke_gptq_runs_from_packed_weights(tmp_path):
+    proc = run_cli(["experiments.compress", "--config=configs/compress.py:smoke", "--config.method=gptq",
+                    "--config.bits=3", "--config.group_size=64", "--config.act_order=True", "--config.progress=False",
+                    f"--workdir={tmp_path}/run"])
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["method"] == "gptq" and results["bits"] == 3 and results["group_size"] == 64
+    assert results["bits_per_weight"] == pytest.approx(3 + 32 / 64)  # codes + f16 scale and offset per 64
+    # float32 SmolLM2 holds 513 MiB; the packed blocks shrink it to ~155 MiB (the f32 embedding stays)
+    assert 140 * 2**20 < results["model_bytes"] < 170 * 2**20
+    assert 10 < results["perplexity"] < 100
+
+
+def test_compress_smoke_smoothquant(tmp_path):
+    proc = run_cli(["experiments.compress", "--config=configs/compress.py:smoke", "--config.method=smoothquant",
+                    "--config.bits=8", "--config.progress=False", f"--workdir={tmp_path}/run"])
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["bits_per_weight"] == pytest.approx(8, abs=0.05)
+    assert 10 < results["perplexity"] < 30
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [
+        ("--config.method=gptq --config.bits=9", "bits must be an integer in 2..8"),
+        ("--config.method=rtn --config.bits=4 --config.group_size=100", "group_size 100 does not divide"),
+        ("--config.bits=4", "needs a quantizing method"),
+        ("--config.method=smoothquant --config.bits=4", "smoothquant is W8A8"),
         ("--config.sparsity=1.5", "sparsity must be in [0, 1)"),
         ("--config.pattern=3:2", "need 0 < N < M"),
         ("--config.method=prune", "unknown method 'prune'"),
@@ -47,8 +73,9 @@ def test_compress_smoke_prunes_and_saves(tmp_path):
 def test_bad_input_one_line(tmp_path, override, fragment):
     short = tmp_path / "short.txt"
     short.write_text("Too short to calibrate on.")
-    override = override.format(short=short)
-    proc = run_cli(["experiments.compress", "--config=configs/compress.py:smoke", override, f"--workdir={tmp_path}/run"])
+    overrides = override.format(short=short).split()
+    proc = run_cli(["experiments.compress", "--config=configs/compress.py:smoke", *overrides,
+                    f"--workdir={tmp_path}/run"])
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and fragment in last, proc.stderr
