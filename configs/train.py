@@ -1,4 +1,5 @@
-"""Training presets: ``--config=configs/train.py:PRESET`` with PRESET in smoke, tiny, smollm2_135m, llama2_7b."""
+"""Training presets: ``--config=configs/train.py:PRESET`` with PRESET in smoke, tiny, smollm2_135m, llama2_7b,
+qat (quantization-aware fine-tuning of the pretrained SmolLM2-135M at 3 bits per channel) and qat_smoke."""
 
 from ml_collections import ConfigDict
 
@@ -12,7 +13,10 @@ RUN_PRESETS = {
     "tiny": dict(steps=20, seq_len=64, batch_size=8, grad_accum=1, lr=3e-3, warmup=4, ckpt=10),
     "smollm2_135m": dict(steps=200, seq_len=512, batch_size=8, grad_accum=4, lr=1e-3, warmup=20, ckpt=50),
     "llama2_7b": dict(steps=1000, seq_len=4096, batch_size=8, grad_accum=1, lr=3e-4, warmup=100, ckpt=100),
+    "qat": dict(steps=60, seq_len=256, batch_size=4, grad_accum=1, lr=5e-4, warmup=5, ckpt=10),
+    "qat_smoke": dict(steps=3, seq_len=64, batch_size=2, grad_accum=1, lr=1e-4, warmup=1, ckpt=3),
 }
+QAT_PRESETS = ("qat", "qat_smoke")
 
 
 def get_config(preset: str = "smoke") -> ConfigDict:
@@ -31,7 +35,13 @@ def get_config(preset: str = "smoke") -> ConfigDict:
             dtype="float32", param_dtype="float32", attention="xla", scan_layers=True, remat="none", init_std=0.02,
         )
     )
-    c.model.update(MODEL_PRESETS[preset])
+    c.model.update(MODEL_PRESETS["smollm2_135m" if preset in QAT_PRESETS else preset])
+    # A model name or path to continue training from (its architecture and tokenizer replace model/data.tokenizer
+    # except for dtype/remat/attention); the trained weights are then also written to WORKDIR/model.
+    c.init_from = "smollm2-135m" if preset in QAT_PRESETS else ""
+    # Quantization-aware training: the linear layers see their weights rounded to this grid (straight-through
+    # gradients); bits 0 = off. Evaluate with RTN at the same grid (experiments/quantization_case_study.py).
+    c.qat = ConfigDict(dict(bits=3 if preset in QAT_PRESETS else 0, group_size=-1, symmetric=False))
     if preset in ("smollm2_135m", "llama2_7b"):
         c.model.dtype = "bfloat16"  # bf16 compute over fp32 master weights
         c.model.remat = "full"
@@ -54,6 +64,9 @@ def get_config(preset: str = "smoke") -> ConfigDict:
             final_lr_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0,
         )
     )
+
+    if preset in QAT_PRESETS:
+        c.optim.weight_decay = 0.0  # fine-tuning a pretrained model: no pull towards zero
 
     c.train = ConfigDict()
     c.train.steps = run["steps"]

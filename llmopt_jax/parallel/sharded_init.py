@@ -29,10 +29,11 @@ def model_factory(
 
 
 def abstract_model(
-    cfg: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0
+    cfg: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0,
+    dot_general: DotGeneral = jax.lax.dot_general,
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """``(graphdef, abstract_params)``: shapes/dtypes only, nothing allocated (for AOT and restore targets)."""
-    graphdef, state = nnx.split(nnx.eval_shape(model_factory(cfg, seed, mesh, rules)))
+    graphdef, state = nnx.split(nnx.eval_shape(model_factory(cfg, seed, mesh, rules, dot_general)))
     return graphdef, state
 
 
@@ -59,9 +60,11 @@ def init_model(
 
 
 def load_params(
-    cfg: ModelConfig, pure_params: dict, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
+    cfg: ModelConfig, pure_params: dict, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+    dot_general: DotGeneral = jax.lax.dot_general,
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """``(graphdef, params)`` holding ``pure_params`` (a nested dict of arrays, e.g. from a GGUF file).
+    """``(graphdef, params)`` holding ``pure_params`` (a nested dict of arrays, e.g. from a GGUF file); the
+    graph's linear layers multiply with ``dot_general``.
 
     Arrays are cast to ``cfg.param_dtype`` and, with a ``mesh``, placed directly in their rule-given shardings.
     Raises ``LlmoptError`` naming the first parameter whose shape differs from the model's.
@@ -69,7 +72,7 @@ def load_params(
     import jax.numpy as jnp
     import numpy as np
 
-    graphdef, abstract = abstract_model(cfg, mesh, rules)
+    graphdef, abstract = abstract_model(cfg, mesh, rules, dot_general=dot_general)
     if mesh is not None:
         check_divisible(abstract, mesh, rules)
     flat_abstract = dict(nnx.to_flat_state(abstract))

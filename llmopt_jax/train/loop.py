@@ -60,10 +60,45 @@ def plot_loss(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def start_point(config: ConfigDict):
+    """``(model config, tokenizer, initial pure params or None, pretrained model or None)``.
+
+    With ``init_from`` (a model name or path) training continues a pretrained model: its architecture and
+    tokenizer replace ``config.model`` except for the compute settings ``dtype``, ``remat`` and ``attention``.
+    """
+    source = config.get("init_from", "")
+    if not source:
+        return ModelConfig.from_mapping(config.model), make_tokenizer(config.data.tokenizer), None, None
+    import dataclasses
+
+    from flax import nnx
+
+    from llmopt_jax.io.load import load_pretrained
+
+    model = load_pretrained(source)
+    cfg = dataclasses.replace(model.cfg, dtype=config.model.dtype, remat=config.model.remat,
+                              attention=config.model.attention)
+    return cfg, model.require_tokenizer(), nnx.to_pure_dict(model.params), model
+
+
+def qat_dot_general(config: ConfigDict):
+    """The fake-quantizing matmul for ``config.qat`` (``bits`` 0 = no quantization-aware training)."""
+    qat = config.get("qat", None)
+    if qat is None or not qat.bits:
+        return jax.lax.dot_general
+    from llmopt_jax.compress.qat import FakeQuantDotGeneral
+    from llmopt_jax.compress.quantize import QuantGrid
+
+    return FakeQuantDotGeneral(QuantGrid(int(qat.bits), int(qat.group_size), bool(qat.symmetric)))
+
+
 def train(config: ConfigDict, workdir: str) -> dict:
-    """Trains per ``config``, checkpointing into ``workdir``; returns (and writes) ``results.json``'s dict."""
-    model_cfg = ModelConfig.from_mapping(config.model)
-    tokenizer = make_tokenizer(config.data.tokenizer)
+    """Trains per ``config``, checkpointing into ``workdir``; returns (and writes) ``results.json``'s dict.
+
+    With ``init_from`` the trained model is also written to ``WORKDIR/model`` (safetensors + tokenizer).
+    """
+    dot_general = qat_dot_general(config)
+    model_cfg, tokenizer, initial_params, pretrained = start_point(config)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
     seq_len, micro, accum = int(config.data.seq_len), int(config.data.batch_size), int(config.data.grad_accum)
@@ -81,7 +116,9 @@ def train(config: ConfigDict, workdir: str) -> dict:
     optimizer = make_optimizer(optim_cfg)
     schedule = learning_rate_schedule(optim_cfg)
     data = WindowBatches(tokens, seq_len, micro * accum, seed=int(config.seed))
-    graphdef, state, shardings = init_train_state(model_cfg, optimizer, mesh, rules, seed=int(config.seed))
+    graphdef, state, shardings = init_train_state(model_cfg, optimizer, mesh, rules, seed=int(config.seed),
+                                                  dot_general=dot_general, initial_params=initial_params)
+    del initial_params
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
 
     checkpointer = Checkpointer(
@@ -149,6 +186,11 @@ def train(config: ConfigDict, workdir: str) -> dict:
         "num_processes": jax.process_count(),
         "num_devices": jax.device_count(),
     }
+    if pretrained is not None and is_main:
+        from llmopt_jax.io.safetensors import write_hf_checkpoint
+
+        results["saved_to"] = os.path.join(workdir, "model")
+        write_hf_checkpoint(results["saved_to"], model_cfg, state["params"], tokenizer=pretrained.tokenizer)
     if is_main:
         write_json(os.path.join(workdir, "results.json"), results)
         plot_loss(records, os.path.join(workdir, "loss.png"))

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.parallel.rules import DEFAULT_RULES, Rules, logical_to_spec, tree_shardings
-from llmopt_jax.parallel.sharded_init import init_model
+from llmopt_jax.parallel.sharded_init import init_model, load_params
 
 TrainState = dict  # {"step": int32 [], "params": nnx.State, "opt_state": optax state}
 
@@ -78,9 +78,18 @@ def init_train_state(
     mesh: Mesh,
     rules: Rules = DEFAULT_RULES,
     seed: int = 0,
+    dot_general: Callable = jax.lax.dot_general,
+    initial_params: dict | None = None,
 ) -> tuple[nnx.GraphDef, TrainState, Any]:
-    """``(graphdef, state, state_shardings)`` with parameters and optimizer moments created sharded."""
-    graphdef, params = init_model(cfg, mesh, rules, seed)
+    """``(graphdef, state, state_shardings)`` with parameters and optimizer moments created sharded.
+
+    Parameters start from ``initial_params`` (a pure dict, e.g. a pretrained model's) when given, else from
+    the seeded initialiser; the model's linear layers multiply with ``dot_general`` (e.g. fake-quantized).
+    """
+    if initial_params is None:
+        graphdef, params = init_model(cfg, mesh, rules, seed, dot_general)
+    else:
+        graphdef, params = load_params(cfg, initial_params, mesh, rules, dot_general)
     shardings = train_state_shardings(params, optimizer, mesh, rules)
     state = {
         "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
