@@ -53,6 +53,9 @@ def get_config(preset: str = "sparsegpt") -> ConfigDict:
     c.eval.batch_size = 4
     c.eval.max_windows = 4 if preset == "smoke" else 0  # 0 = every full window
 
-    c.save = ""  # write the compressed model: a path ending in .gguf (F32 GGUF) or a directory (safetensors)
+    c.save = ""  # write the compressed model: a path ending in .gguf or a directory (float32 safetensors)
+    # GGUF tensor type: F32, F16, BF16, Q8_0 or Q4_0. Weights quantized by gptq/rtn with symmetric=True,
+    # group_size=32 and bits 8 (Q8_0) / 4 (Q4_0) are stored with their own codes; others are re-rounded.
+    c.save_type = "F32"
     c.progress = True
     return c

@@ -33,14 +33,16 @@ def main(config, workdir):
     from llmopt_jax.errors import ConfigError
     from llmopt_jax.eval.perplexity import evaluate_perplexity
     from llmopt_jax.infer.roofline import tree_bytes
+    from llmopt_jax.io.gguf_write import TENSOR_TYPES
     from llmopt_jax.io.load import load_pretrained
     from llmopt_jax.jsonio import write_json
-    from llmopt_jax.parallel.sharded_init import load_params
 
     workdir = cli.prepare_workdir(config, workdir)
     step = compression_step(config)
     if step is not None:
         from_recipe([step])  # validates before the model loads
+    if config.save.endswith(".gguf") and config.save_type not in TENSOR_TYPES:
+        raise ConfigError(f"save_type={config.save_type!r}; choose one of {', '.join(TENSOR_TYPES)}")
     eval_text = load_texts(config.eval.text_file) if config.eval.text_file else stdlib_docstrings_text()
     check_calibration_text(config.calib.text_file, config.calib.sources)  # fails before the model loads
 
@@ -87,7 +89,7 @@ def main(config, workdir):
     }
     write_json(f"{workdir}/layers.json", [dataclasses.asdict(r) for r in layers])
     if config.save:
-        save_model(config.save, model, load_params(model.cfg, pure)[1] if report.get("quantized") else params)
+        save_model(config.save, model, pure, config.save_type, report.get("quantized"))
         results["saved_to"] = os.path.abspath(config.save)
     write_json(f"{workdir}/results.json", results)
     print(f"{config.method} ({results['pattern']}, {results['bits_per_weight']:.2f} bits/weight): perplexity="
@@ -128,18 +130,19 @@ def compression_step(config) -> dict | None:
     return {**step, **solver} if config.method == "sparsegpt" else step
 
 
-def save_model(path, model, params):
-    """F32 GGUF when ``path`` ends in .gguf (tokenizer copied from a GGUF source), else a safetensors directory."""
+def save_model(path, model, pure, tensor_type="F32", quantized=None):
+    """A GGUF in ``tensor_type`` when ``path`` ends in .gguf (tokenizer copied from a GGUF source; Q8_0/Q4_0 keep
+    the codes of weights quantized on their own grid), else a float32 safetensors directory."""
     if path.endswith(".gguf"):
         from llmopt_jax.io.gguf import read_gguf
         from llmopt_jax.io.gguf_write import write_gguf
 
         source = read_gguf(model.path) if model.path.endswith(".gguf") else None
-        write_gguf(path, model.cfg, params, tensor_type="F32", metadata_from=source)
+        write_gguf(path, model.cfg, pure, tensor_type=tensor_type, metadata_from=source, quantized=quantized)
     else:
         from llmopt_jax.io.safetensors import write_hf_checkpoint
 
-        write_hf_checkpoint(path, model.cfg, params, tokenizer=model.tokenizer)
+        write_hf_checkpoint(path, model.cfg, pure, tokenizer=model.tokenizer)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,43 @@ def test_q8_0_matches_gguf_quantization_and_its_error_bound(tmp_path):
         assert np.all(np.abs(err) <= np.abs(blocks).max(1, keepdims=True) / 127 + 1e-7), name
 
 
+@pytest.mark.parametrize("tensor_type,bits", [("Q4_0", 4), ("Q8_0", 8)])
+@pytest.mark.parametrize("scan,interleaved", [(True, False), (False, True)])
+def test_gptq_codes_are_written_exactly_into_q4_0_and_q8_0_blocks(tmp_path, tensor_type, bits, scan, interleaved):
+    from llmopt_jax.compress.calibrate import compress_sequentially
+    from llmopt_jax.compress.recipe import gptq
+
+    cfg = dataclasses.replace(SMALL, scan_layers=scan, rope_interleaved=interleaved)
+    _, params = init_model(cfg, seed=5)
+    windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16))
+    transform = gptq(bits=bits, group_size=32, symmetric=True, act_order=True)
+    pure, report = compress_sequentially(cfg, params, windows, transform, batch_size=2, progress=False)
+    write_gguf(str(tmp_path / "q.gguf"), cfg, pure, tensor_type=tensor_type, quantized=report["quantized"])
+    write_gguf(str(tmp_path / "f32.gguf"), cfg, pure)  # the same weights in llama.cpp's layout, unrounded
+    f, _, back = read_back(tmp_path / "q.gguf", scan_layers=scan)
+    _, _, want = read_back(tmp_path / "f32.gguf", scan_layers=scan)
+    assert f.metadata["general.file_type"] == gguf.LlamaFileType[f"MOSTLY_{tensor_type}"]
+    assert f.tensors["blk.0.attn_q.weight"].tensor_type.name == tensor_type
+    # What llama.cpp reads is exactly GPTQ's weights (re-rounding them would move some); the embedding, which
+    # GPTQ did not quantize, is rounded by gguf-py.
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        layers = [(back["layers"][name], want["layers"][name])] if scan else \
+            [(back["layers"][i][name], want["layers"][i][name]) for i in range(cfg.num_layers)]
+        for got, expected in layers:
+            np.testing.assert_array_equal(np.asarray(got["kernel"]), np.asarray(expected["kernel"]), err_msg=name)
+
+
+def test_weights_on_another_grid_are_re_rounded_with_a_warning(tmp_path):
+    from llmopt_jax.compress.calibrate import compress_sequentially
+    from llmopt_jax.compress.recipe import rtn
+
+    _, params = init_model(SMALL, seed=6)
+    pure, report = compress_sequentially(SMALL, params, np.zeros((1, 4), np.int32), rtn(bits=4, group_size=64),
+                                         progress=False)
+    with pytest.warns(UserWarning, match="4-bit asym g64 are not on Q4_0's grid"):
+        write_gguf(str(tmp_path / "q.gguf"), SMALL, pure, tensor_type="Q4_0", quantized=report["quantized"])
+
+
 def test_q8_0_rows_not_multiple_of_32_fall_back_to_f16(tmp_path):
     cfg = dataclasses.replace(SMALL, mlp_dim=48)  # ffn_down rows hold 48 values
     _, params = init_model(cfg, seed=4)

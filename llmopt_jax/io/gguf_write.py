@@ -4,8 +4,14 @@
 llama.cpp's interleaved rotary layout (permuted from the Hugging Face layout when ``cfg.rope_interleaved`` is
 False), 2-D weights in ``tensor_type``, norm vectors always in F32 (llama.cpp requires it).
 
-Q8_0 needs each row (a weight's input dimension) to be a multiple of 32 values; a weight whose row is not is
-written as F16 instead, with a warning naming it (llama.cpp's converter and quantizer fall back alike).
+Q8_0/Q4_0 need each row (a weight's input dimension) to be a multiple of 32 values; a weight whose row is not
+is written as F16 instead, with a warning naming it (llama.cpp's converter and quantizer fall back alike).
+
+Already-quantized weights (``quantized``: ``compress_sequentially``'s records, e.g. GPTQ's) are re-encoded
+exactly when their grid is the block format's own (symmetric, groups of 32, 8 bits for Q8_0 / 4 bits for Q4_0:
+``value = d·q`` with a float16 ``d`` per block): their integer codes and scales are written as they are, so
+llama.cpp computes with the very weights GPTQ chose. Weights on any other grid are re-rounded from their float
+values by gguf-py's quantizer (round-to-nearest), with a warning.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ import numpy as np
 from llmopt_jax.io.gguf import GGUFError, GGUFFile
 from llmopt_jax.models.config import ModelConfig
 
-TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0")
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+BLOCK_BITS = {"Q8_0": 8, "Q4_0": 4}  # the symmetric grid of 32-value blocks each block format stores
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -85,21 +94,71 @@ def _gguf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _add_tensor(writer: Any, name: str, array: np.ndarray, tensor_type: str) -> bool:
-    """Adds ``name`` in ``tensor_type`` (F32 for vectors); returns whether Q8_0 had to fall back to F16."""
+def encode_blocks(codes: np.ndarray, scale: np.ndarray, tensor_type: str) -> np.ndarray:
+    """ggml's Q8_0 / Q4_0 bytes of a ``[rows, cols]`` matrix given as integer ``codes`` (``[-128, 127]`` /
+    ``[-8, 7]``) and one float16-exact ``scale`` per row and block of 32 (``[rows, cols / 32]``): each block is
+    its float16 scale then the codes (Q8_0: 32 int8; Q4_0: 16 bytes, element j in the low nibble of byte j and
+    element j + 16 in its high nibble, both offset by 8). Returns ``uint8 [rows, cols / 32 * block bytes]``."""
+    rows, cols = codes.shape
+    blocks = codes.reshape(rows, cols // 32, 32).astype(np.int16)
+    d = np.asarray(scale, np.float16).reshape(rows, cols // 32, 1).view(np.uint8)
+    if tensor_type == "Q8_0":
+        q = blocks.astype(np.int8).view(np.uint8)
+    else:
+        u = (blocks + 8).astype(np.uint8)
+        q = u[..., :16] | (u[..., 16:] << 4)
+    return np.concatenate([d, q], axis=-1).reshape(rows, -1)
+
+
+def _add_tensor(writer: Any, name: str, array: np.ndarray, tensor_type: str, record: Any = None) -> bool:
+    """Adds ``name`` in ``tensor_type`` (F32 for vectors); ``record`` (a ``QuantizedMatrix`` of the same
+    ``[out, in]`` matrix) is written code for code when it fits the block format. Returns whether a block
+    format had to fall back to F16."""
     import gguf
 
     array = np.ascontiguousarray(array, np.float32)
     if array.ndim == 1 or tensor_type == "F32":
         writer.add_tensor(name, array)
         return False
-    fallback = tensor_type == "Q8_0" and array.shape[-1] % 32 != 0
+    if record is not None and _fits_blocks(record.grid, tensor_type):
+        qtype = gguf.GGMLQuantizationType[tensor_type]
+        writer.add_tensor(name, encode_blocks(np.asarray(record.codes), np.asarray(record.scale), tensor_type),
+                          raw_dtype=qtype)
+        return False
+    fallback = tensor_type in BLOCK_BITS and array.shape[-1] % 32 != 0
     if fallback or tensor_type == "F16":
         writer.add_tensor(name, array.astype(np.float16))
     else:
         qtype = gguf.GGMLQuantizationType[tensor_type]
         writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     return fallback
+
+
+def _fits_blocks(grid: Any, tensor_type: str) -> bool:
+    return (tensor_type in BLOCK_BITS and grid.symmetric and not grid.per_tensor and grid.group_size == 32
+            and grid.bits == BLOCK_BITS[tensor_type])
+
+
+def _gguf_records(cfg: ModelConfig, quantized: dict) -> dict[str, Any]:
+    """llama.cpp tensor names -> ``QuantizedMatrix`` (``[out, in]``, rows in llama.cpp's order) of one layer."""
+    from llmopt_jax.compress.quantize import QuantizedMatrix
+
+    pairs = np.stack([np.arange(cfg.head_dim // 2), np.arange(cfg.head_dim // 2) + cfg.head_dim // 2], -1)
+    layers = quantized.get("layers", {})
+    out = {}
+    for i in range(cfg.num_layers):
+        for name, gguf_name in GGUF_NAMES.items():
+            block = layers if cfg.scan_layers else layers.get(i, layers.get(str(i), {}))
+            qm = block.get(name, {}).get("kernel")
+            if qm is None:
+                continue
+            rows = np.arange(np.shape(qm.codes)[-2])
+            if name in ("q_proj", "k_proj") and not cfg.rope_interleaved:  # rows are (head, head_dim) pairs
+                rows = rows.reshape(-1, cfg.head_dim)[:, pairs.reshape(-1)].reshape(-1)
+            pick = (lambda a: np.asarray(a)[i][rows]) if cfg.scan_layers else (lambda a: np.asarray(a)[rows])
+            out[f"blk.{i}.{gguf_name}.weight"] = QuantizedMatrix(pick(qm.codes), pick(qm.scale), pick(qm.offset),
+                                                                 qm.grid)
+    return out
 
 
 def _value_type(value: Any) -> Any:
@@ -141,18 +200,27 @@ def write_gguf(
     tensor_type: str = "F32",
     metadata_from: GGUFFile | None = None,
     name: str = "llmopt_jax",
+    quantized: dict | None = None,
 ) -> None:
     """Writes ``params`` (an ``nnx.State`` or pure dict) for ``cfg`` as a llama.cpp ``llama`` GGUF at ``path``.
 
     Tokenizer metadata (``tokenizer.*``) is copied from ``metadata_from`` when given; without it the file
-    declares no vocabulary (``tokenizer.ggml.model = "none"``, token ids in, logits out). The file appears
-    atomically: a temporary file in the same directory is renamed over ``path`` only once complete.
+    declares no vocabulary (``tokenizer.ggml.model = "none"``, token ids in, logits out). ``quantized``
+    (``compress_sequentially``'s ``report["quantized"]``) lets Q8_0/Q4_0 store those weights' own codes (see
+    the module docstring). The file appears atomically: a temporary file in the same directory is renamed over
+    ``path`` only once complete.
     """
     import gguf
 
     if tensor_type not in TENSOR_TYPES:
         raise GGUFError(f"{path}: unknown GGUF tensor_type {tensor_type!r}; choose one of {TENSOR_TYPES}")
-    file_type = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}[tensor_type]
+    file_type = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
+                 "Q4_0": "MOSTLY_Q4_0"}[tensor_type]
+    records = _gguf_records(cfg, quantized) if quantized else {}
+    off_grid = sorted({qm.grid.describe() for qm in records.values() if not _fits_blocks(qm.grid, tensor_type)})
+    if tensor_type in BLOCK_BITS and off_grid:
+        warnings.warn(f"{path}: weights quantized {', '.join(off_grid)} are not on {tensor_type}'s grid "
+                      f"({BLOCK_BITS[tensor_type]}-bit symmetric, groups of 32); re-rounded to nearest")
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -183,10 +251,12 @@ def write_gguf(
             _copy_tokenizer(w, metadata_from)
         else:
             w.add_tokenizer_model("none")
-        fallbacks = [n for n, a in _gguf_tensors(cfg, params).items() if _add_tensor(w, n, a, tensor_type)]
+        fallbacks = [n for n, a in _gguf_tensors(cfg, params).items()
+                     if _add_tensor(w, n, a, tensor_type, records.get(n))]
         if fallbacks:
             names = ", ".join(fallbacks)
-            warnings.warn(f"{path}: rows of {names} are not a multiple of 32 values; written as F16, not Q8_0")
+            warnings.warn(f"{path}: rows of {names} are not a multiple of 32 values; written as F16, not "
+                          f"{tensor_type}")
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
