@@ -34,7 +34,10 @@ def get_config(preset: str = "sparsegpt") -> ConfigDict:
     c.group_size = -1  # inputs per quantization group; 0 or -1 = one scale per output channel
     c.symmetric = False  # rtn/gptq grid: False = scale + offset per group (Q4_1-like); sparsegpt_gptq: always symmetric
     c.act_order = False  # gptq: visit columns by decreasing Hessian diagonal (implies static groups)
-    c.static_groups = False  # gptq: fit group scales from the original weights up front
+    c.static_groups = False
+    # Also round the token embedding (= the tied LM head, the largest matrix of a small model) to this many bits
+    # (symmetric, groups of 32, like llama.cpp's Q8_0/Q4_0) and keep it packed; 0 = keep it in float32.
+    c.embedding_bits = 0  # gptq: fit group scales from the original weights up front
 
     # Solver settings shared by SparseGPT and GPTQ (block of columns per lazy update, Hessian dampening).
     c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))

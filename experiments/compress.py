@@ -41,6 +41,8 @@ def main(config, workdir):
     step = compression_step(config)
     if step is not None:
         from_recipe([step])  # validates before the model loads
+    if config.embedding_bits and (config.method == "smoothquant" or not 2 <= config.embedding_bits <= 8):
+        raise ConfigError(f"embedding_bits={config.embedding_bits}: use 0 (float) or 2..8, and not with smoothquant")
     if config.save.endswith(".gguf") and config.save_type not in TENSOR_TYPES:
         raise ConfigError(f"save_type={config.save_type!r}; choose one of {', '.join(TENSOR_TYPES)}")
     eval_text = load_texts(config.eval.text_file) if config.eval.text_file else stdlib_docstrings_text()
@@ -61,7 +63,8 @@ def main(config, workdir):
         graphdef, params, pure, report = smoothquant_w8a8(model, calib, config.smoothquant_alpha,
                                                           config.calib.batch_size, config.progress)
     else:
-        graphdef, params, pure, report = compress_model(model, calib, step, config.calib.batch_size, config.progress)
+        graphdef, params, pure, report = compress_model(model, calib, step, config.calib.batch_size, config.progress,
+                                                        embedding_bits=config.embedding_bits)
     seconds, layers = report.get("seconds", 0.0), report.get("layers", [])
     result = evaluate_perplexity(graphdef, params, np.asarray(tok.encode(eval_text)), config.eval.seq_len,
                                  config.eval.batch_size, max_windows=config.eval.max_windows, progress=config.progress)
@@ -79,6 +82,7 @@ def main(config, workdir):
         "group_size": int(config.group_size),
         "act_order": bool(config.act_order),
         "bits_per_weight": block_bits_per_weight(nnx.to_pure_dict(params)),
+        "embedding_bits": int(config.embedding_bits),
         "model_bytes": model_bytes,
         "seconds_compress": seconds,
         "seconds_eval": result.seconds,

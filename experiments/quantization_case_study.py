@@ -23,7 +23,8 @@ def grid(config) -> list[dict]:
             if (bits, group) in act_order and "gptq" in methods:
                 rows.append(row("gptq", bits, group, act_order=True))
     extras = {"sparsegpt_gptq": row("sparsegpt_gptq", 4, -1), "smoothquant": row("smoothquant", 8, -1),
-              "qat": row("qat", config.qat_bits, -1)}
+              "qat": row("qat", config.qat_bits, -1),
+              "gptq_int8_embedding": {**row("gptq", 4, 128, act_order=True), "embedding_bits": 8}}
     for name in [e for e in config.extras.split(",") if e]:
         if name not in extras:
             raise cli_error(f"unknown extra row {name!r}; choose from {sorted(extras)}")
@@ -42,7 +43,8 @@ def row(method: str, bits: int = 32, group_size: int = -1, act_order: bool = Fal
 
 
 def row_key(r: dict) -> str:
-    return f"{r['method']}/{r['bits']}/{r['group_size']}/{'act' if r['act_order'] else 'seq'}"
+    emb = f"/emb{r['embedding_bits']}" if r.get("embedding_bits") else ""
+    return f"{r['method']}/{r['bits']}/{r['group_size']}/{'act' if r['act_order'] else 'seq'}{emb}"
 
 
 def label(r: dict) -> str:
@@ -52,7 +54,8 @@ def label(r: dict) -> str:
     extra = {"sparsegpt_gptq": " + 50% sparse", "smoothquant": " W8A8", "qat": " (QAT, then RTN)"}.get(r["method"], "")
     name = r["method"] if r["method"] not in ("sparsegpt_gptq", "smoothquant", "qat") else \
         {"sparsegpt_gptq": "SparseGPT+GPTQ", "smoothquant": "SmoothQuant", "qat": "QAT"}[r["method"]]
-    return f"{name} {r['bits']}-bit {layout}{' act-order' if r['act_order'] else ''}{extra}"
+    emb = f" + int{r['embedding_bits']} embedding" if r.get("embedding_bits") else ""
+    return f"{name} {r['bits']}-bit {layout}{' act-order' if r['act_order'] else ''}{extra}{emb}"
 
 
 def recipe_step(config, r: dict) -> dict | None:
@@ -73,7 +76,8 @@ def storage_format(r: dict) -> str:
     if r["method"] in ("float32", "bfloat16", "smoothquant"):
         return r["method"]
     sym = "sym" if r["method"] == "sparsegpt_gptq" else "asym"
-    return f"int{r['bits']}/{r['group_size']}/{sym}"
+    emb = f"/emb{r['embedding_bits']}" if r.get("embedding_bits") else ""
+    return f"int{r['bits']}/{r['group_size']}/{sym}{emb}"
 
 
 def decode_tokens_per_s(graphdef, params, prompt: list[int], new_tokens: int, repeats: int) -> float:
@@ -175,7 +179,8 @@ def evaluate_row(config, model, calib, texts, r: dict) -> tuple[dict, object, ob
         graphdef, params, pure, report = compress_model(load_pretrained(config.qat_model), None, step)
     else:
         graphdef, params, pure, report = compress_model(model, calib, recipe_step(config, r),
-                                                        config.calib.batch_size, config.progress)
+                                                        config.calib.batch_size, config.progress,
+                                                        embedding_bits=r.get("embedding_bits", 0))
     numbers = evaluate_model(graphdef, params, pure, report, texts, config.eval.seq_len, config.eval.batch_size)
     return numbers, graphdef, params
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from llmopt_jax.compress.calibrate import KERNEL_INPUT_DIMS, compress_sequentially, kernel_to_matrix
 from llmopt_jax.compress.packed import (
-    PackedTensor, block_bits_per_weight, block_linear_sizes, pack_codes, pack_matrix, pack_params, packed_dot_general, packed_model,
+    PackedTensor, block_bits_per_weight, block_linear_sizes, pack_codes, pack_embedding, pack_matrix, pack_params, packed_dot_general, packed_model,
     unpack_codes,
 )
 from llmopt_jax.compress.quantize import QuantGrid, rtn_quantize
@@ -109,3 +109,21 @@ def test_quantizing_a_packed_tensor_is_refused(quantized):
         rtn_quantize(kernel, QuantGrid(4))
     with pytest.raises(ConfigError, match="already packed"):
         pack_params(packed, report["quantized"], KERNEL_INPUT_DIMS)
+
+
+@pytest.mark.parametrize("grid", [QuantGrid(8, 32, symmetric=True), QuantGrid(4, 16)])
+def test_packed_embedding_serves_lookup_and_tied_head(quantized, grid):
+    cfg, graphdef, _, new, report, windows = quantized
+    packed = pack_embedding(pack_params(new, report["quantized"], KERNEL_INPUT_DIMS), grid)
+    assert isinstance(packed["embed"]["embedding"], PackedTensor)
+    pgraph, pparams = packed_model(cfg, packed)
+    table, _ = rtn_quantize(jnp.asarray(new["embed"]["embedding"]), grid)
+    _, fparams = load_params(cfg, {**new, "embed": {"embedding": np.asarray(table)}})
+    got, _ = nnx.merge(pgraph, pparams)(jnp.asarray(windows))
+    want, _ = nnx.merge(graphdef, fparams)(jnp.asarray(windows))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    emb = packed["embed"]["embedding"]
+    np.testing.assert_array_equal(np.asarray(emb.embed_rows(jnp.asarray([[3, 0], [63, 3]]))),
+                                  np.asarray(table)[[[3, 0], [63, 3]]])
+    with pytest.raises(ConfigError, match="already packed"):
+        pack_embedding(packed, grid)

@@ -93,6 +93,18 @@ class PackedTensor:
             w = w + self.offset.astype(jnp.float32)[:, None, :]
         return jnp.broadcast_to(w, (groups, n_in // groups, codes.shape[-1])).reshape(self.shape).astype(dtype)
 
+    def embed_rows(self, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+        """For a packed embedding table (kernel ``[d, vocab]``: the tied LM head's layout), the rows of tokens
+        ``ids`` int ``[...]`` -> ``[..., d]``, unpacking only those columns."""
+        flat = ids.reshape(-1)
+        codes = unpack_codes(jnp.take(self.data, flat, axis=1), self.bits, self.lo).astype(jnp.float32)
+        d = codes.shape[0]
+        pick = lambda p: jnp.take(p.astype(jnp.float32), flat if p.shape[1] > 1 else jnp.zeros_like(flat), axis=1)  # noqa
+        w = codes.reshape(self.scale.shape[0], d // self.scale.shape[0], -1) * pick(self.scale)[:, None, :]
+        if self.offset is not None:
+            w = w + pick(self.offset)[:, None, :]
+        return w.reshape(d, -1).T.reshape(ids.shape + (d,)).astype(dtype)
+
 
 def pack_matrix(qm: QuantizedMatrix, kernel_shape: tuple[int, ...], n_in: int = 1) -> PackedTensor:
     """Packs a :class:`QuantizedMatrix` (``[outputs, inputs]`` layout; optionally stacked ``[layers, ...]``) as
@@ -109,6 +121,18 @@ def pack_matrix(qm: QuantizedMatrix, kernel_shape: tuple[int, ...], n_in: int = 
 
     data, s, o = jax.vmap(one)(codes, scale, offset) if stacked else one(codes, scale, offset)
     return PackedTensor(data, s, o, grid.bits, grid.levels[0], tuple(kernel_shape), n_in)
+
+
+def pack_embedding(pure: dict, grid) -> dict:
+    """``pure`` with the token embedding (also the tied LM head) rounded to ``grid`` by RTN and packed as a
+    ``[d, vocab]`` kernel (groups run along d, the LM head's contraction axis)."""
+    from llmopt_jax.compress.quantize import rtn_quantize
+
+    table = pure["embed"]["embedding"]
+    if isinstance(table, PackedTensor):
+        raise ConfigError("this tensor is already packed")
+    _, qm = rtn_quantize(jnp.asarray(table, jnp.float32), grid)  # [vocab, d] = the LM head's [outputs, inputs]
+    return {**pure, "embed": {"embedding": pack_matrix(qm, (table.shape[1], table.shape[0]))}}
 
 
 def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

@@ -73,28 +73,35 @@ def eval_texts(tokenizer, close_file: str, far_file: str, close_max_windows: int
 
 
 def compress_model(model, calib: np.ndarray | None, step: dict | None, calib_batch_size: int = 8,
-                   progress: bool = False) -> tuple[Any, Any, dict, dict]:
-    """Compresses ``model`` with one recipe ``step`` (``None`` = unchanged) calibrated on ``calib`` ``[n, len]``.
+                   progress: bool = False, embedding_bits: int = 0) -> tuple[Any, Any, dict, dict]:
+    """Compresses ``model`` with one recipe ``step`` (``None`` = unchanged) calibrated on ``calib`` ``[n, len]``;
+    ``embedding_bits`` > 0 also rounds the token embedding (the tied LM head) to a symmetric grid with groups
+    of 32 (llama.cpp's Q8_0/Q4_0 layout) and packs it.
 
-    Returns ``(graphdef, params, float pure params, report)``: quantized kernels stay packed in ``params``
-    (``compress/packed.py``), ``report`` is ``compress_sequentially``'s (empty for ``None``).
+    Returns ``(graphdef, params, float pure params, report)``: quantized tensors stay packed in ``params``
+    (``compress/packed.py``); the pure params hold their dequantized values; ``report`` is
+    ``compress_sequentially``'s (empty for ``None``).
     """
     from flax import nnx
 
     from llmopt_jax.compress.calibrate import KERNEL_INPUT_DIMS, compress_sequentially
-    from llmopt_jax.compress.packed import pack_params, packed_model
+    from llmopt_jax.compress.packed import pack_embedding, pack_params, packed_model
+    from llmopt_jax.compress.quantize import QuantGrid
     from llmopt_jax.compress.recipe import from_recipe
     from llmopt_jax.parallel.sharded_init import load_params
 
-    if step is None:
-        return model.graphdef, model.params, nnx.to_pure_dict(model.params), {}
-    pure, report = compress_sequentially(model.cfg, model.params, calib, from_recipe([step]),
-                                         batch_size=calib_batch_size, progress=progress)
-    if report["quantized"]:
-        graphdef, params = packed_model(model.cfg, pack_params(pure, report["quantized"], KERNEL_INPUT_DIMS))
-    else:
-        graphdef, params = load_params(model.cfg, pure)
-    return graphdef, params, pure, report
+    pure, report = nnx.to_pure_dict(model.params), {}
+    if step is not None:
+        pure, report = compress_sequentially(model.cfg, model.params, calib, from_recipe([step]),
+                                             batch_size=calib_batch_size, progress=progress)
+    if not report.get("quantized") and not embedding_bits:
+        return (model.graphdef, model.params, pure, report) if step is None else \
+            (*load_params(model.cfg, pure), pure, report)
+    packed = pack_params(pure, report.get("quantized"), KERNEL_INPUT_DIMS)
+    if embedding_bits:
+        packed = pack_embedding(packed, QuantGrid(embedding_bits, 32, symmetric=True))
+        pure = {**pure, "embed": {"embedding": np.asarray(packed["embed"]["embedding"].dequantize().T)}}
+    return (*packed_model(model.cfg, packed), pure, report)
 
 
 def evaluate_model(graphdef, params, pure: dict, report: dict, texts: dict[str, tuple[np.ndarray, int]],

@@ -102,16 +102,23 @@ class Embed(nnx.Module):
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
         """``token_ids`` int ``[B, L]`` -> embeddings ``[B, L, D]`` in the compute dtype."""
+        table = self.embedding.get_value()
+        if getattr(table, "is_packed", False):  # compress/packed.py: unpack only the rows looked up
+            return table.embed_rows(token_ids, self.dtype)
         # XLA's SPMD partitioner cannot gather rows from a vocab-sharded table into a batch-sharded output
         # without replicating it anyway ("involuntary full rematerialization"); gathering the table first
         # says so explicitly and costs the same one all-gather.
-        table = self.constrain(self.embedding[...], (None, None))
+        table = self.constrain(table, (None, None))
         return jnp.take(table, token_ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """``x`` ``[B, L, D]`` -> logits ``[B, L, V]`` against the embedding table."""
-        table = self.embedding[...].astype(self.dtype)
-        return jnp.einsum("bld,vd->blv", x.astype(self.dtype), table, preferred_element_type=jnp.float32)
+        table = self.embedding.get_value()
+        if getattr(table, "is_packed", False):  # packed as the LM head's [D, V] kernel
+            return jnp.einsum("bld,dv->blv", x.astype(self.dtype), table.dequantize(self.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("bld,vd->blv", x.astype(self.dtype), table.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
