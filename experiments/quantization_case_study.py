@@ -13,22 +13,35 @@ from llmopt_jax import cli
 
 
 def grid(config) -> list[dict]:
-    """Rows in the order they run (see ``configs/quantization_case_study.py``)."""
-    rows = [row("float32"), row("bfloat16")]
+    """Rows in the order they run (see ``configs/quantization_case_study.py``): the cheap ones and the headline
+    ones first, so a study stopped early still has them."""
     act_order = {tuple(int(v) for v in item.split("/")) for item in config.act_order.split(",") if item}
     methods = [m for m in config.methods.split(",") if m]
-    for bits in [int(b) for b in config.bits.split(",") if b]:
-        for group in [int(g) for g in config.group_sizes.split(",") if g]:
-            rows += [row(m, bits, group) for m in methods]
-            if (bits, group) in act_order and "gptq" in methods:
-                rows.append(row("gptq", bits, group, act_order=True))
+    bits_list = [int(b) for b in config.bits.split(",") if b]
+    groups = [int(g) for g in config.group_sizes.split(",") if g]
+    rows = [row("float32"), row("bfloat16")]
+    if "rtn" in methods:  # no calibration: seconds each
+        rows += [row("rtn", bits, group) for bits in bits_list for group in groups]
+
+    def gptq_rows(group_subset):
+        out = []
+        for group in group_subset:
+            for bits in bits_list:
+                out.append(row("gptq", bits, group))
+                if (bits, group) in act_order:
+                    out.append(row("gptq", bits, group, act_order=True))
+        return out if "gptq" in methods else []
+
     extras = {"sparsegpt_gptq": row("sparsegpt_gptq", 4, -1), "smoothquant": row("smoothquant", 8, -1),
               "qat": row("qat", config.qat_bits, -1),
               "gptq_int8_embedding": {**row("gptq", 4, 128, act_order=True), "embedding_bits": 8}}
     for name in [e for e in config.extras.split(",") if e]:
         if name not in extras:
             raise cli_error(f"unknown extra row {name!r}; choose from {sorted(extras)}")
-        rows.append(extras[name])
+    rows += gptq_rows(groups[:2]) + [extras[e] for e in config.extras.split(",") if e] + gptq_rows(groups[2:])
+    for (bits, group) in sorted(act_order):  # act-order settings outside the bits x groups grid
+        if bits not in bits_list or group not in groups:
+            rows.append(row("gptq", bits, group, act_order=True))
     return rows
 
 
