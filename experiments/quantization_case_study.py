@@ -157,16 +157,6 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def settings(config) -> dict:
-    """Everything besides the row itself that decides a row's numbers (stored with each row)."""
-    def without_batch(d):
-        return {k: v for k, v in d.to_dict().items() if k != "batch_size"}
-
-    return {"model": config.model, "calib": without_batch(config.calib), "sparsegpt": config.sparsegpt.to_dict(),
-            "eval": without_batch(config.eval), "smoothquant_alpha": config.smoothquant_alpha,
-            "qat_model": config.qat_model}
-
-
 def evaluate_row(config, model, calib, texts, r: dict) -> tuple[dict, object, object]:
     """Compresses per row ``r`` and evaluates; returns ``(numbers, graphdef, params)`` of the evaluated model."""
     import dataclasses
@@ -202,9 +192,7 @@ def main(config, workdir):
     import os
 
     from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.compress.study import ResumableRows, eval_texts, print_row
-    from llmopt_jax.data.text import calibration_windows, check_calibration_text
-    from llmopt_jax.io.load import load_pretrained
+    from llmopt_jax.compress.study import case_study_settings, open_case_study, print_row
     from llmopt_jax.jsonio import write_json
 
     workdir = cli.prepare_workdir(config, workdir)
@@ -216,14 +204,8 @@ def main(config, workdir):
     if any(r["method"] == "qat" for r in todo) and not os.path.isdir(config.qat_model):
         raise cli_error(f"qat_model={config.qat_model!r} is not a directory: run the QAT preset first "
                         "(python -m experiments.train --config=configs/train.py:qat) or drop 'qat' from extras")
-    check_calibration_text(config.calib.text_file, config.calib.sources)
-    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings(config))
-    model = load_pretrained(config.model)
-    tok = model.require_tokenizer()
-    texts = eval_texts(tok, config.eval.close_text_file, config.eval.far_text_file, config.eval.close_max_windows,
-                       config.eval.far_max_windows)
-    calib = calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,
-                                config.calib.seq_len, config.calib.seed)
+    settings = case_study_settings(config, smoothquant_alpha=config.smoothquant_alpha, qat_model=config.qat_model)
+    finished, model, texts, calib = open_case_study(config, workdir, row_key, settings)
     prompt = list(texts["close"][0][:32])
     decode_by_format = {storage_format(r): r["decode_tokens_per_s"] for r in finished.done.values()
                         if r.get("decode_tokens_per_s")}

@@ -66,22 +66,11 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def settings(config) -> dict:
-    """Everything besides the row itself that decides a row's numbers (stored with each row)."""
-    def without_batch(d):  # batch sizes change speed, not results
-        return {k: v for k, v in d.to_dict().items() if k != "batch_size"}
-
-    return {"model": config.model, "calib": without_batch(config.calib), "sparsegpt": config.sparsegpt.to_dict(),
-            "eval": without_batch(config.eval)}
-
-
 def main(config, workdir):
     import os
 
     from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.compress.study import ResumableRows, eval_texts, print_row, prune_and_evaluate
-    from llmopt_jax.data.text import calibration_windows, check_calibration_text
-    from llmopt_jax.io.load import load_pretrained
+    from llmopt_jax.compress.study import case_study_settings, open_case_study, print_row, prune_and_evaluate
     from llmopt_jax.jsonio import write_json
 
     workdir = cli.prepare_workdir(config, workdir)
@@ -89,14 +78,7 @@ def main(config, workdir):
     for row in todo:  # validate every step before anything slow happens
         if row["method"] != "dense":
             from_recipe([recipe_step(config, row)])
-    check_calibration_text(config.calib.text_file, config.calib.sources)
-    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings(config))
-    model = load_pretrained(config.model)
-    tok = model.require_tokenizer()
-    texts = eval_texts(tok, config.eval.close_text_file, config.eval.far_text_file, config.eval.close_max_windows,
-                       config.eval.far_max_windows)
-    calib = calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,
-                                config.calib.seq_len, config.calib.seed)
+    finished, model, texts, calib = open_case_study(config, workdir, row_key, case_study_settings(config))
 
     for row in todo:
         if finished.get(row) is not None:

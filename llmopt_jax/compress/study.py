@@ -60,6 +60,34 @@ class ResumableRows:
         return row
 
 
+def case_study_settings(config, **extra) -> dict:
+    """What decides a case-study row's numbers besides the row itself: model, calibration, solver and evaluation
+    settings (batch sizes change speed, not results) and ``extra``."""
+    def without_batch(d):
+        return {k: v for k, v in d.to_dict().items() if k != "batch_size"}
+
+    return {"model": config.model, "calib": without_batch(config.calib), "sparsegpt": config.sparsegpt.to_dict(),
+            "eval": without_batch(config.eval), **extra}
+
+
+def open_case_study(config, workdir: str, key: Callable[[dict], str], settings: dict):
+    """The common start of a case study (``config.model``, ``config.calib``, ``config.eval.{close,far}_*``):
+    ``(finished rows, model, evaluation texts, calibration windows)``; the calibration settings are checked and
+    the finished rows read before the model loads."""
+    from llmopt_jax.data.text import calibration_windows, check_calibration_text
+    from llmopt_jax.io.load import load_pretrained
+
+    check_calibration_text(config.calib.text_file, config.calib.sources)
+    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), key, settings)
+    model = load_pretrained(config.model)
+    tok = model.require_tokenizer()
+    texts = eval_texts(tok, config.eval.close_text_file, config.eval.far_text_file, config.eval.close_max_windows,
+                       config.eval.far_max_windows)
+    calib = calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,
+                                config.calib.seq_len, config.calib.seed)
+    return finished, model, texts, calib
+
+
 def eval_texts(tokenizer, close_file: str, far_file: str, close_max_windows: int,
                far_max_windows: int) -> dict[str, tuple[np.ndarray, int]]:
     """``{"close": (tokens, max_windows), "far": ...}``: the files when given, else standard-library docstrings
