@@ -38,7 +38,7 @@ def grid(config) -> list[dict]:
     for name in [e for e in config.extras.split(",") if e]:
         if name not in extras:
             raise cli_error(f"unknown extra row {name!r}; choose from {sorted(extras)}")
-    rows += gptq_rows(groups[:2]) + [extras[e] for e in config.extras.split(",") if e] + gptq_rows(groups[2:])
+    rows += gptq_rows(groups[:1]) + [extras[e] for e in config.extras.split(",") if e] + gptq_rows(groups[1:])
     for (bits, group) in sorted(act_order):  # act-order settings outside the bits x groups grid
         if bits not in bits_list or group not in groups:
             rows.append(row("gptq", bits, group, act_order=True))
