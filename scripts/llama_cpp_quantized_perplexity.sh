@@ -2,7 +2,7 @@
 # GPTQ-quantize SmolLM2-135M onto llama.cpp's Q4_0 and Q8_0 grids (symmetric, groups of 32), export the GGUFs
 # with the GPTQ codes written as they are, and measure perplexity with our packed model and with llama.cpp
 # (llama-cpp-python, `pip install -e '.[reference]'`) on the same texts and windows.
-#   bash scripts/llama_cpp_quantized_perplexity.sh [OUT_DIR]
+#   [CALIB_WINDOWS=128] bash scripts/llama_cpp_quantized_perplexity.sh [OUT_DIR]
 set -euo pipefail
 OUT=${1:-runs/export}
 PY=${PY:-.venv/bin/python}
@@ -17,7 +17,8 @@ for spec in "4 Q4_0" "8 Q8_0"; do
   set -- $spec
   $PY -m experiments.compress --config=configs/compress.py:gptq --config.bits="$1" --config.group_size=32 \
     --config.symmetric=True --config.act_order=True --config.save="$OUT/gptq_$2.gguf" --config.save_type="$2" \
-    --config.eval.text_file="$OUT/license.txt" --config.progress=False --workdir="$OUT/gptq_$2"
+    --config.calib.num_samples="${CALIB_WINDOWS:-128}" --config.eval.text_file="$OUT/license.txt" \
+    --config.progress=False --workdir="$OUT/gptq_$2"
   for text in license docstrings; do
     # Ours on the exported file (the same weights llama.cpp reads: GPTQ's blocks, gguf-py's rounding of the
     # embedding), then llama.cpp on it; same protocol (no BOS, 512-token windows, positions 1..511 scored).
