@@ -30,6 +30,8 @@ demo: $(STAMP)
 	  --config.prompt="Explain in two sentences what a Python list is."
 	$(PY) -m experiments.compress --config=configs/compress.py:smoke --config.pattern=2:4 \
 	  --workdir=$(WORKDIR)/compress_smoke
+	$(PY) -m experiments.compress --config=configs/compress.py:smoke --config.method=gptq --config.bits=4 \
+	  --config.group_size=64 --config.act_order=True --workdir=$(WORKDIR)/gptq_smoke
 
 clean:
 	rm -rf $(VENV) runs
