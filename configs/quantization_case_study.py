@@ -7,7 +7,7 @@ Rows, in the order they run (a killed run resumes; every row is independent):
 - ``extras``: ``sparsegpt_gptq`` (50 % SparseGPT + 4-bit symmetric per channel in one pass), ``smoothquant``
   (W8A8: int8 weights, dynamic per-token int8 activations), ``qat`` (evaluates the model saved by the QAT preset
   of ``experiments/train.py`` at ``qat_model``, quantized with RTN at the bits it was trained for),
-  ``gptq_int8_embedding`` (GPTQ 4-bit g128 act-order with the token embedding / tied LM head also packed at 8 bits).
+  ``gptq_int8_embedding`` (GPTQ 4-bit g64 act-order with the token embedding / tied LM head also packed at 8 bits).
 Each row reports perplexity on a text close to the calibration domain (standard-library docstrings;
 calibration: ``pydoc_data.topics``) and one far from it (Python's LICENSE.txt), bits per weight, the bytes the
 packed model holds and its decode speed (measured once per storage format).
@@ -18,7 +18,9 @@ from ml_collections import ConfigDict
 from llmopt_jax.errors import ConfigError
 
 PRESETS = {
-    "default": dict(bits="3,4,2,8", group_sizes="-1,64,128,32", act_order="4/-1,3/-1,3/64,2/64",
+    # SmolLM2's inputs are 576 (d_model) and 1536 (mlp) wide: groups of 128 do not divide 576, so the grid uses
+    # 192 (= gcd, 3 groups per 576 inputs) next to 32 and 64.
+    "default": dict(bits="3,4,2,8", group_sizes="-1,64,192,32", act_order="4/-1,3/-1,3/64,2/64",
                     extras="sparsegpt_gptq,smoothquant,gptq_int8_embedding,qat", num_samples=128, seq_len=512, close_windows=32,
                     far_windows=0, decode_tokens=32),
     "smoke": dict(bits="4", group_sizes="-1,64", act_order="4/-1", extras="sparsegpt_gptq,smoothquant",

@@ -34,7 +34,7 @@ def grid(config) -> list[dict]:
 
     extras = {"sparsegpt_gptq": row("sparsegpt_gptq", 4, -1), "smoothquant": row("smoothquant", 8, -1),
               "qat": row("qat", config.qat_bits, -1),
-              "gptq_int8_embedding": {**row("gptq", 4, 128, act_order=True), "embedding_bits": 8}}
+              "gptq_int8_embedding": {**row("gptq", 4, 64, act_order=True), "embedding_bits": 8}}
     for name in [e for e in config.extras.split(",") if e]:
         if name not in extras:
             raise cli_error(f"unknown extra row {name!r}; choose from {sorted(extras)}")

@@ -23,7 +23,7 @@ def test_grid_runs_cheap_and_headline_rows_first_and_never_twice():
     assert label(rows[first_gptq + 1]) == "gptq 3-bit per channel act-order"
     extras = [label(r) for r in rows[first_gptq + 6: first_gptq + 10]]  # after the per-channel GPTQ rows
     assert extras == ["SparseGPT+GPTQ 4-bit per channel + 50% sparse", "SmoothQuant 8-bit per channel W8A8",
-                      "gptq 4-bit g128 act-order + int8 embedding", "QAT 3-bit per channel (QAT, then RTN)"]
+                      "gptq 4-bit g64 act-order + int8 embedding", "QAT 3-bit per channel (QAT, then RTN)"]
 
 
 def test_pareto_front():
