@@ -62,5 +62,6 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.eval.far_max_windows = p["far_windows"]
     c.decode_tokens = p["decode_tokens"]  # new tokens per timed greedy decode (batch 1); 0 = skip decode timing
     c.decode_repeats = 3
+    c.report_only = False  # True: table and plot from the rows finished so far, nothing is computed
     c.progress = True
     return c

@@ -6,7 +6,8 @@ SmoothQuant W8A8, QAT), with the bytes the packed model holds and its decode spe
 
 Every finished row is appended to WORKDIR/rows.jsonl, so a killed run continues where it stopped. At the end:
 results.json (rows + settings), table.md and perplexity_vs_bits.png (perplexity against bits per weight of the
-block linear layers, one panel per text, with the Pareto front of each text).
+block linear layers, one panel per text, with the Pareto front of each text). ``--config.report_only=True`` writes
+them from the rows finished so far (and names the missing ones) without computing anything.
 """
 
 from llmopt_jax import cli
@@ -192,7 +193,7 @@ def main(config, workdir):
     import os
 
     from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.compress.study import case_study_settings, open_case_study, print_row
+    from llmopt_jax.compress.study import ResumableRows, case_study_settings, open_case_study, print_row
     from llmopt_jax.jsonio import write_json
 
     workdir = cli.prepare_workdir(config, workdir)
@@ -201,12 +202,19 @@ def main(config, workdir):
         step = recipe_step(config, r)
         if step is not None:
             from_recipe([step])
-    if any(r["method"] == "qat" for r in todo) and not os.path.isdir(config.qat_model):
+    if any(r["method"] == "qat" for r in todo) and not config.report_only and not os.path.isdir(config.qat_model):
         raise cli_error(f"qat_model={config.qat_model!r} is not a directory: run the QAT preset first "
                         "(python -m experiments.train --config=configs/train.py:qat) or drop 'qat' from extras")
     settings = case_study_settings(config, smoothquant_alpha=config.smoothquant_alpha, qat_model=config.qat_model)
-    finished, model, texts, calib = open_case_study(config, workdir, row_key, settings)
-    prompt = list(texts["close"][0][:32])
+    if config.report_only:
+        finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
+        missing = [label(r) for r in todo if finished.get(r) is None]
+        if missing:
+            print(f"{len(missing)} rows not run yet: {', '.join(missing)}")
+        todo = [r for r in todo if finished.get(r) is not None]
+    else:
+        finished, model, texts, calib = open_case_study(config, workdir, row_key, settings)
+        prompt = list(texts["close"][0][:32])
     decode_by_format = {storage_format(r): r["decode_tokens_per_s"] for r in finished.done.values()
                         if r.get("decode_tokens_per_s")}
 
@@ -228,7 +236,7 @@ def main(config, workdir):
         "rows": rows, "calib_windows": config.calib.num_samples, "calib_seq_len": config.calib.seq_len,
         "calib_text": config.calib.text_file or config.calib.sources,
         "close_text": config.eval.close_text_file or "stdlib docstrings",
-        "far_text": config.eval.far_text_file or "Python LICENSE.txt", "model": model.path})
+        "far_text": config.eval.far_text_file or "Python LICENSE.txt", "model": config.model})
     table = markdown_table(rows)
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(table)

@@ -66,3 +66,8 @@ def test_smoke_study_runs_and_resumes(tmp_path):
     again = run_cli(args)  # every row is on disk: nothing is recomputed
     assert again.returncode == 0, again.stderr
     assert "to compress)" not in again.stdout
+
+    report = run_cli(args[:-2] + ["--config.group_sizes=-1,64", "--config.report_only=True", f"--workdir={tmp_path}"])
+    assert report.returncode == 0, report.stderr
+    assert "rows not run yet: rtn 4-bit g64, gptq 4-bit g64" in report.stdout
+    assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == len(rows)
