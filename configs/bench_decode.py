@@ -5,8 +5,10 @@ from ml_collections import ConfigDict
 from llmopt_jax.errors import ConfigError
 
 PRESETS = {
-    "smollm2": dict(dtypes="float32,bfloat16", batches="1,8", prompt_len=128, new_tokens=64, repeats=3),
-    "smoke": dict(dtypes="float32", batches="1", prompt_len=32, new_tokens=8, repeats=1),
+    "smollm2": dict(dtypes="float32,bfloat16", batches="1,8", prompt_len=128, new_tokens=64, repeats=3,
+                    packed="int8/32,int4/32,int3/64,int2/64", llama_cpp_types="F32,F16,Q8_0,Q4_0"),
+    "smoke": dict(dtypes="float32", batches="1", prompt_len=32, new_tokens=8, repeats=1, packed="int4/32",
+                  llama_cpp_types="F32"),
 }
 
 
@@ -26,6 +28,12 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.new_tokens = p["new_tokens"]  # tokens generated per sequence (decode)
     c.repeats = p["repeats"]  # timed runs per row; the median is reported
     c.llama_cpp = True  # also time llama.cpp on F32/F16 GGUFs of the same weights when llama-cpp-python is installed
-    c.llama_cpp_types = "F32,F16"
+    c.llama_cpp_types = p["llama_cpp_types"]
+    # Packed quantized weights, comma-separated intBITS/GROUP (GROUP -1 = per channel): decoded from the packed
+    # arrays (compress/packed.py); int8/32 and int4/32 are llama.cpp's Q8_0 and Q4_0 grids.
+    c.packed = p["packed"]
+    # Also pack the token embedding / tied LM head at the same bits, as llama.cpp's files do. Off by default: on CPU
+    # dequantizing the whole 49152 x 576 head for every token costs more than reading it in float32.
+    c.packed_embedding = False
     c.threads = 0  # llama.cpp threads; 0 = os.cpu_count()
     return c

@@ -2,7 +2,8 @@
 
     python -m experiments.bench_decode --config=configs/bench_decode.py:smollm2 --workdir=runs/bench_decode
 
-For each dtype x batch: prefill tokens/s (``batch * prompt_len`` prompt tokens through the jitted prefill)
+For each dtype x batch, and for each packed format (``packed``: RTN-quantized weights that stay packed, symmetric
+like llama.cpp's Q8_0/Q4_0, the embedding too unless ``packed_embedding=False``): prefill tokens/s (``batch * prompt_len`` prompt tokens through the jitted prefill)
 and decode tokens/s (new tokens per second summed over the batch), medians of ``repeats`` timed runs after
 a warm-up run that compiles. Baselines measured in the same process: (a) llama.cpp (llama-cpp-python,
 batch 1, same prompt) on F32/F16 GGUFs written from the same weights, and (b) the bandwidth bound
@@ -59,6 +60,19 @@ def time_llama_cpp(path, prompt, new_tokens, repeats, threads):
     return statistics.median(prefill[1:]), statistics.median(decode[1:]), tokens
 
 
+def parse_packed(spec: str) -> tuple[int, int]:
+    """``"int4/32"`` -> ``(4, 32)``: bits and group size (-1 = per channel) of a packed-weights row."""
+    from llmopt_jax.errors import ConfigError
+
+    name, _, group = spec.strip().partition("/")
+    if not name.startswith("int") or not name[3:].isdigit():
+        raise ConfigError(f"packed row {spec!r} must look like intBITS/GROUP, e.g. int4/32 or int8/-1")
+    try:
+        return int(name[3:]), int(group or -1)
+    except ValueError as e:
+        raise ConfigError(f"packed row {spec!r}: group size must be an integer") from e
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -84,9 +98,12 @@ def main(config, workdir):
     import tempfile
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # llama.cpp's spinning OpenMP threads starve JAX here
+    from types import SimpleNamespace
+
     import jax
     import numpy as np
 
+    from llmopt_jax.compress.study import compress_model
     from llmopt_jax.data.text import default_text
     from llmopt_jax.errors import ConfigError
     from llmopt_jax.infer.roofline import decode_bytes_per_step, measure_memory_bandwidth, tree_bytes
@@ -103,6 +120,7 @@ def main(config, workdir):
     bandwidth = measure_memory_bandwidth()
     print(f"memory bandwidth (jitted 1 GiB reduction): {bandwidth / 1e9:.1f} GB/s")
 
+    packed = [parse_packed(spec) for spec in config.packed.split(",") if spec]
     rows = []
     prompt = None
     for dtype in dtypes:
@@ -123,6 +141,26 @@ def main(config, workdir):
                   f"({decode / bound:.0%} of the {bound:,.1f} tok/s bandwidth bound)")
         del model
 
+    for bits, group in packed:  # float32 compute from packed weights (RTN, symmetric: llama.cpp's Q8_0/Q4_0 grid)
+        # Scanned layers: with unrolled layers XLA:CPU fuses each kernel's dequantization into its dot and runs
+        # that as a naive loop (measured 5.8 vs 46 tokens/s for int4 at batch 1).
+        model = load_pretrained(config.model, scan_layers=True)
+        step = {"name": "rtn", "bits": bits, "group_size": group, "symmetric": True}
+        graphdef, params, _, _ = compress_model(model, None, step, embedding_bits=bits if config.packed_embedding else 0)
+        quantized = SimpleNamespace(graphdef=graphdef, params=params, cfg=model.cfg)
+        dtype = f"int{bits}" + (f"_g{group}" if group > 0 else "")
+        weight_bytes = tree_bytes(params)
+        for batch in batches:
+            prefill, decode, tokens = time_ours(quantized, dtype, batch, prompt, config.new_tokens, config.repeats)
+            context = config.prompt_len + config.new_tokens // 2
+            bound = batch * bandwidth / decode_bytes_per_step(model.cfg, batch, context, weight_bytes, 4)
+            rows.append(dict(engine="jax", dtype=dtype, batch=batch, prefill_tokens_per_s=prefill,
+                             decode_tokens_per_s=decode, bandwidth_bound_tokens_per_s=bound,
+                             fraction_of_bound=decode / bound, weight_bytes=weight_bytes, greedy_tokens=tokens))
+            print(f"jax {dtype:8s} b{batch}: prefill {prefill:8,.0f} tok/s  decode {decode:7,.1f} tok/s "
+                  f"({decode / bound:.0%} of the {bound:,.1f} tok/s bandwidth bound), {weight_bytes / 2**20:.1f} MiB")
+        del model, quantized, params
+
     have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
     if config.llama_cpp and not have_llama_cpp:
         print("llama-cpp-python not installed (pip install -e '.[reference]'): no llama.cpp rows")
@@ -136,7 +174,7 @@ def main(config, workdir):
                 path = os.path.join(tmp, f"model-{gguf_type}.gguf")
                 write_gguf(path, cfg, params, tensor_type=gguf_type, metadata_from=source)
                 prefill, decode, tokens = time_llama_cpp(path, prompt, config.new_tokens, config.repeats, threads)
-                dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "Q8_0": "q8_0"}.get(gguf_type, gguf_type)
+                dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(gguf_type, gguf_type.lower())
                 weight_bytes = os.path.getsize(path)
                 context = config.prompt_len + config.new_tokens // 2
                 bound = bandwidth / decode_bytes_per_step(cfg, 1, context, weight_bytes, 2)  # F16 KV cache
@@ -155,7 +193,8 @@ def main(config, workdir):
         results[f"{key}_prefill_tokens_per_s"] = r["prefill_tokens_per_s"]
         results[f"{key}_decode_tokens_per_s"] = r["decode_tokens_per_s"]
     # Same-run ratios: ours over llama.cpp at the same precision, batch 1.
-    for ours_dtype, theirs in (("float32", "float32"), ("bfloat16", "float16")):
+    for ours_dtype, theirs in (("float32", "float32"), ("bfloat16", "float16"), ("int8_g32", "q8_0"),
+                               ("int4_g32", "q4_0")):
         a = results.get(f"jax_{ours_dtype}_b1_decode_tokens_per_s")
         b = results.get(f"llama_cpp_{theirs}_b1_decode_tokens_per_s")
         if a and b:

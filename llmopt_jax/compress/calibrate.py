@@ -130,7 +130,7 @@ def relative_reconstruction_error(w: jax.Array, new_w: jax.Array, hessian: jax.A
 def compress_sequentially(
     cfg: ModelConfig,
     params: Any,
-    windows: np.ndarray,
+    windows: np.ndarray | None,
     transform: MatrixTransform,
     *,
     batch_size: int = 8,
@@ -147,14 +147,15 @@ def compress_sequentially(
     ``seconds`` and, with ``keep_abs_max``, ``abs_max``: per block, each input group's largest ``|x_j|`` ``[d]``.
     """
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-    windows = np.asarray(windows, np.int32)
+    # Data-free transforms (magnitude, RTN) get stats=None, the calibration passes are skipped and ``windows``
+    # may be None.
+    calibrated = getattr(transform, "needs_calibration", True)
+    windows = np.asarray(windows if windows is not None or calibrated else np.zeros((1, 1)), np.int32)
     if windows.ndim != 2 or len(windows) == 0:
         raise ConfigError(f"calibration windows must be a non-empty [N, L] array, got shape {windows.shape}")
     if batch_size < 1:
         raise ConfigError(f"calib.batch_size must be positive, got {batch_size}")
     stacked = cfg.scan_layers
-    # Data-free transforms (magnitude) get stats=None and the calibration passes are skipped.
-    calibrated = getattr(transform, "needs_calibration", True)
     runner = _BlockRunner(cfg)
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731 - calibration runs in float32
     table = f32(pure["embed"]["embedding"])
