@@ -202,10 +202,12 @@ def main(config, workdir):
         step = recipe_step(config, r)
         if step is not None:
             from_recipe([step])
-    if any(r["method"] == "qat" for r in todo) and not config.report_only and not os.path.isdir(config.qat_model):
+    settings = case_study_settings(config, smoothquant_alpha=config.smoothquant_alpha, qat_model=config.qat_model)
+    done = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
+    qat_todo = any(r["method"] == "qat" and done.get(r) is None for r in todo)
+    if qat_todo and not config.report_only and not os.path.isdir(config.qat_model):
         raise cli_error(f"qat_model={config.qat_model!r} is not a directory: run the QAT preset first "
                         "(python -m experiments.train --config=configs/train.py:qat) or drop 'qat' from extras")
-    settings = case_study_settings(config, smoothquant_alpha=config.smoothquant_alpha, qat_model=config.qat_model)
     if config.report_only:
         finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
         missing = [label(r) for r in todo if finished.get(r) is None]
