@@ -11,6 +11,7 @@ them from the rows finished so far (and names the missing ones) without computin
 """
 
 from llmopt_jax import cli
+from llmopt_jax.errors import ConfigError
 
 
 def grid(config) -> list[dict]:
@@ -38,18 +39,12 @@ def grid(config) -> list[dict]:
               "gptq_int8_embedding": {**row("gptq", 4, 64, act_order=True), "embedding_bits": 8}}
     for name in [e for e in config.extras.split(",") if e]:
         if name not in extras:
-            raise cli_error(f"unknown extra row {name!r}; choose from {sorted(extras)}")
+            raise ConfigError(f"unknown extra row {name!r}; choose from {sorted(extras)}")
     rows += gptq_rows(groups[:1]) + [extras[e] for e in config.extras.split(",") if e] + gptq_rows(groups[1:])
     for (bits, group) in sorted(act_order):  # act-order settings outside the bits x groups grid
         if bits not in bits_list or group not in groups:
             rows.append(row("gptq", bits, group, act_order=True))
     return rows
-
-
-def cli_error(message):
-    from llmopt_jax.errors import ConfigError
-
-    return ConfigError(message)
 
 
 def row(method: str, bits: int = 32, group_size: int = -1, act_order: bool = False) -> dict:
@@ -206,7 +201,7 @@ def main(config, workdir):
     done = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
     qat_todo = any(r["method"] == "qat" and done.get(r) is None for r in todo)
     if qat_todo and not config.report_only and not os.path.isdir(config.qat_model):
-        raise cli_error(f"qat_model={config.qat_model!r} is not a directory: run the QAT preset first "
+        raise ConfigError(f"qat_model={config.qat_model!r} is not a directory: run the QAT preset first "
                         "(python -m experiments.train --config=configs/train.py:qat) or drop 'qat' from extras")
     if config.report_only:
         finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)

@@ -17,7 +17,6 @@ an outside solver without their own containers; see the quantization issue's not
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -27,6 +26,7 @@ from flax import struct
 
 from llmopt_jax.compress.quantize import QuantizedMatrix
 from llmopt_jax.errors import ConfigError
+from llmopt_jax.infer.roofline import tree_bytes
 
 
 def pack_codes(codes: jax.Array, bits: int, lo: int) -> jax.Array:
@@ -84,26 +84,29 @@ class PackedTensor:
         """The float kernel ``[*shape]`` (one layer) in ``dtype``."""
         if self.data.ndim != 2:
             raise ValueError(f"dequantize one layer at a time; data has shape {self.data.shape}")
-        n_in = math.prod(self.shape[: self.n_in])
-        codes = unpack_codes(self.data, self.bits, self.lo).astype(jnp.float32)
-        groups, out = self.scale.shape
-        codes = codes.reshape(groups, n_in // groups, -1)
-        w = codes * self.scale.astype(jnp.float32)[:, None, :]
-        if self.offset is not None:
-            w = w + self.offset.astype(jnp.float32)[:, None, :]
-        return jnp.broadcast_to(w, (groups, n_in // groups, codes.shape[-1])).reshape(self.shape).astype(dtype)
+        codes = unpack_codes(self.data, self.bits, self.lo)
+        w = self._scale_groups(codes, self.scale, self.offset)
+        return w.reshape(self.shape).astype(dtype)
+
+    @staticmethod
+    def _scale_groups(codes: jax.Array, scale: jax.Array, offset: jax.Array | None) -> jax.Array:
+        """``scale·codes + offset`` float32 ``[n, cols]`` for codes ``[n, cols]`` whose ``n`` rows fall in
+        ``scale.shape[0]`` equal groups; ``scale``/``offset`` ``[groups, cols or 1]``."""
+        n, cols = codes.shape
+        groups = scale.shape[0]
+        w = codes.astype(jnp.float32).reshape(groups, n // groups, cols) * scale.astype(jnp.float32)[:, None, :]
+        if offset is not None:
+            w = w + offset.astype(jnp.float32)[:, None, :]
+        return w.reshape(n, cols)
 
     def embed_rows(self, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
         """For a packed embedding table (kernel ``[d, vocab]``: the tied LM head's layout), the rows of tokens
         ``ids`` int ``[...]`` -> ``[..., d]``, unpacking only those columns."""
         flat = ids.reshape(-1)
-        codes = unpack_codes(jnp.take(self.data, flat, axis=1), self.bits, self.lo).astype(jnp.float32)
-        d = codes.shape[0]
-        pick = lambda p: jnp.take(p.astype(jnp.float32), flat if p.shape[1] > 1 else jnp.zeros_like(flat), axis=1)  # noqa
-        w = codes.reshape(self.scale.shape[0], d // self.scale.shape[0], -1) * pick(self.scale)[:, None, :]
-        if self.offset is not None:
-            w = w + pick(self.offset)[:, None, :]
-        return w.reshape(d, -1).T.reshape(ids.shape + (d,)).astype(dtype)
+        codes = unpack_codes(jnp.take(self.data, flat, axis=1), self.bits, self.lo)
+        pick = lambda p: None if p is None else jnp.take(p, flat if p.shape[1] > 1 else jnp.zeros_like(flat), axis=1)  # noqa
+        w = self._scale_groups(codes, pick(self.scale), pick(self.offset))
+        return w.T.reshape(ids.shape + (codes.shape[0],)).astype(dtype)
 
 
 def pack_matrix(qm: QuantizedMatrix, kernel_shape: tuple[int, ...], n_in: int = 1) -> PackedTensor:
@@ -189,7 +192,7 @@ def block_linear_sizes(pure: dict) -> tuple[int, int]:
     for path, leaf in flat:
         if getattr(path[-1], "key", None) != "kernel":
             continue
-        held += sum(int(np.size(a)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(leaf))
+        held += tree_bytes(leaf)
         weights += int(np.size(leaf.data)) * 8 // leaf.bits if is_packed(leaf) else int(np.size(leaf))
     return held, weights
 

@@ -132,13 +132,16 @@ def _expand(param: jax.Array, rows: int, cols: int) -> jax.Array:
     return jnp.broadcast_to(jnp.repeat(param, cols // param.shape[1], axis=1), (rows, cols))
 
 
+def _nearest_level(x: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
+    """The level (an integer, as float32) nearest to each ``x`` on the grid ``scale·q + offset`` (same shapes)."""
+    lo, hi = grid.levels
+    return jnp.clip(jnp.round((x - offset) / jnp.where(scale == 0, 1.0, scale)), lo, hi)
+
+
 def encode(w: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
     """Nearest integer codes of ``w`` ``[rows, cols]`` on the grid given by ``scale``/``offset`` (int32)."""
     rows, cols = w.shape
-    s, o = _expand(scale, rows, cols), _expand(offset, rows, cols)
-    lo, hi = grid.levels
-    q = jnp.round((w - o) / jnp.where(s == 0, 1.0, s))
-    return jnp.clip(q, lo, hi).astype(jnp.int32)
+    return _nearest_level(w, _expand(scale, rows, cols), _expand(offset, rows, cols), grid).astype(jnp.int32)
 
 
 def dequantize(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
@@ -149,9 +152,7 @@ def dequantize(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Arr
 
 def quantize_column(col: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
     """One column ``[rows]`` rounded to the grid with per-row ``scale``/``offset`` ``[rows]`` (float32)."""
-    lo, hi = grid.levels
-    q = jnp.clip(jnp.round((col - offset) / jnp.where(scale == 0, 1.0, scale)), lo, hi)
-    return scale * q + offset
+    return scale * _nearest_level(col, scale, offset, grid) + offset
 
 
 def _check_matrix(w, grid: QuantGrid) -> None:
@@ -211,7 +212,7 @@ def gptq_quantize(
 def _gptq(w, hessian, grid: QuantGrid, blocksize: int, damp_fraction: float, act_order: bool, static: bool):
     rows, cols = w.shape
     width = grid.group_width(cols)
-    upper, dead = damped_inverse_cholesky(hessian, damp_fraction)
+    dead = jnp.diag(hessian) == 0
     w = jnp.where(dead[None, :], 0.0, w)
     if static:
         scale, offset = fit_grid(w, grid)
@@ -219,9 +220,9 @@ def _gptq(w, hessian, grid: QuantGrid, blocksize: int, damp_fraction: float, act
         scale = offset = jnp.zeros((rows, cols // width), jnp.float32)
     group_of = jnp.zeros(cols, jnp.int32) if grid.per_tensor else jnp.arange(cols, dtype=jnp.int32) // width
 
+    # Act-order solves in order of decreasing H_jj (dead inputs last) with the factor of the permuted Hessian.
     perm = jnp.argsort(-jnp.diag(hessian)) if act_order else jnp.arange(cols)
-    if act_order:  # the factor must be of the permuted Hessian: recompute it (dead inputs sort last)
-        upper, _ = damped_inverse_cholesky(hessian[perm][:, perm], damp_fraction)
+    upper, _ = damped_inverse_cholesky(hessian[perm][:, perm] if act_order else hessian, damp_fraction)
     w, group_of = w[:, perm], group_of[perm]
 
     # Dynamic groups are fitted at their first column inside a block, so a block holds whole groups.
