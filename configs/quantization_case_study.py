@@ -5,7 +5,7 @@ Rows, in the order they run (a killed run resumes; every row is independent):
 - ``rtn`` and ``gptq`` at every ``bits`` x ``group_sizes`` (-1 = one scale per output channel), asymmetric grid;
 - ``gptq`` with act-order at the ``act_order`` settings (``BITS/GROUP``, comma-separated);
 - ``extras``: ``sparsegpt_gptq`` (50 % SparseGPT + 4-bit symmetric per channel in one pass), ``smoothquant``
-  (W8A8: int8 weights, dynamic per-token int8 activations), ``qat`` (evaluates the model saved by the QAT preset
+  (W8A8: int8 weights, dynamic per-token int8 activations), ``w8a8`` (the same without smoothing), ``qat`` (evaluates the model saved by the QAT preset
   of ``experiments/train.py`` at ``qat_model``, quantized with RTN at the bits it was trained for),
   ``gptq_int8_embedding`` (GPTQ 4-bit g64 act-order with the token embedding / tied LM head also packed at 8 bits).
 Each row reports perplexity on a text close to the calibration domain (standard-library docstrings;
@@ -21,7 +21,7 @@ PRESETS = {
     # SmolLM2's inputs are 576 (d_model) and 1536 (mlp) wide: groups of 128 do not divide 576, so the grid uses
     # 192 (= gcd, 3 groups per 576 inputs) next to 32 and 64.
     "default": dict(bits="3,4,2,8", group_sizes="-1,64,192,32", act_order="4/-1,3/-1,3/64,2/64",
-                    extras="sparsegpt_gptq,smoothquant,gptq_int8_embedding,qat", num_samples=128, seq_len=512, close_windows=32,
+                    extras="sparsegpt_gptq,smoothquant,gptq_int8_embedding,qat,w8a8", num_samples=128, seq_len=512, close_windows=32,
                     far_windows=0, decode_tokens=32),
     "smoke": dict(bits="4", group_sizes="-1,64", act_order="4/-1", extras="sparsegpt_gptq,smoothquant",
                   num_samples=8, seq_len=128, close_windows=2, far_windows=2, decode_tokens=4),
@@ -39,7 +39,7 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.bits = p["bits"]  # comma-separated, each in 2..8
     c.group_sizes = p["group_sizes"]  # comma-separated; -1 = per output channel
     c.act_order = p["act_order"]  # extra gptq rows with act-order: BITS/GROUP, comma-separated
-    c.extras = p["extras"]  # any of sparsegpt_gptq, smoothquant, qat
+    c.extras = p["extras"]  # any of sparsegpt_gptq, smoothquant, w8a8, gptq_int8_embedding, qat
     c.qat_model = "runs/qat/model"  # a safetensors directory written by configs/train.py:qat (for the qat row)
     c.qat_bits = 3
     c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))  # solver settings of GPTQ and SparseGPT

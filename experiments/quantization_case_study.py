@@ -35,6 +35,7 @@ def grid(config) -> list[dict]:
         return out if "gptq" in methods else []
 
     extras = {"sparsegpt_gptq": row("sparsegpt_gptq", 4, -1), "smoothquant": row("smoothquant", 8, -1),
+              "w8a8": row("w8a8", 8, -1),
               "qat": row("qat", config.qat_bits, -1),
               "gptq_int8_embedding": {**row("gptq", 4, 64, act_order=True), "embedding_bits": 8}}
     for name in [e for e in config.extras.split(",") if e]:
@@ -60,9 +61,10 @@ def label(r: dict) -> str:
     if r["method"] in ("float32", "bfloat16"):
         return r["method"]
     layout = "per channel" if r["group_size"] <= 0 else f"g{r['group_size']}"
-    extra = {"sparsegpt_gptq": " + 50% sparse", "smoothquant": " W8A8", "qat": " (QAT, then RTN)"}.get(r["method"], "")
-    name = r["method"] if r["method"] not in ("sparsegpt_gptq", "smoothquant", "qat") else \
-        {"sparsegpt_gptq": "SparseGPT+GPTQ", "smoothquant": "SmoothQuant", "qat": "QAT"}[r["method"]]
+    extra = {"sparsegpt_gptq": " + 50% sparse", "smoothquant": " W8A8", "w8a8": " W8A8 (no smoothing)",
+             "qat": " (QAT, then RTN)"}.get(r["method"], "")
+    name = {"sparsegpt_gptq": "SparseGPT+GPTQ", "smoothquant": "SmoothQuant", "w8a8": "rtn",
+            "qat": "QAT"}.get(r["method"], r["method"])
     emb = f" + int{r['embedding_bits']} embedding" if r.get("embedding_bits") else ""
     return f"{name} {r['bits']}-bit {layout}{' act-order' if r['act_order'] else ''}{extra}{emb}"
 
@@ -82,7 +84,9 @@ def recipe_step(config, r: dict) -> dict | None:
 
 def storage_format(r: dict) -> str:
     """Rows with the same format hold the same arrays, so decode is timed once per format."""
-    if r["method"] in ("float32", "bfloat16", "smoothquant"):
+    if r["method"] in ("smoothquant", "w8a8"):  # smoothing changes the values, not the arrays or the matmul
+        return "w8a8"
+    if r["method"] in ("float32", "bfloat16"):
         return r["method"]
     sym = "sym" if r["method"] == "sparsegpt_gptq" else "asym"
     emb = f"/emb{r['embedding_bits']}" if r.get("embedding_bits") else ""
@@ -128,7 +132,7 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     styles = {"rtn": ("tab:red", "o"), "gptq": ("tab:blue", "s"), "sparsegpt_gptq": ("tab:purple", "D"),
-              "smoothquant": ("tab:orange", "^"), "qat": ("tab:green", "P"), "float32": ("black", "*"),
+              "smoothquant": ("tab:orange", "^"), "w8a8": ("tab:brown", "v"), "qat": ("tab:green", "P"), "float32": ("black", "*"),
               "bfloat16": ("gray", "*")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, text in zip(axes, ("close", "far")):
@@ -166,11 +170,12 @@ def evaluate_row(config, model, calib, texts, r: dict) -> tuple[dict, object, ob
         cfg = dataclasses.replace(model.cfg, param_dtype="bfloat16")
         graphdef, params = load_params(cfg, nnx.to_pure_dict(model.params))
         pure, report = nnx.to_pure_dict(params), {}
-    elif r["method"] == "smoothquant":
+    elif r["method"] in ("smoothquant", "w8a8"):
         from llmopt_jax.compress.smoothquant import smoothquant_w8a8
 
         graphdef, params, pure, report = smoothquant_w8a8(model, calib, config.smoothquant_alpha,
-                                                          config.calib.batch_size, config.progress)
+                                                          config.calib.batch_size, config.progress,
+                                                          smooth=r["method"] == "smoothquant")
     elif r["method"] == "qat":
         from llmopt_jax.io.load import load_pretrained
 

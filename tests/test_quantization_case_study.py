@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from experiments.quantization_case_study import grid, label, pareto_front, row_key
+from experiments.quantization_case_study import grid, label, pareto_front, row_key, storage_format
 
 
 def test_grid_runs_cheap_and_headline_rows_first_and_never_twice():
@@ -24,6 +24,8 @@ def test_grid_runs_cheap_and_headline_rows_first_and_never_twice():
     extras = [label(r) for r in rows[first_gptq + 6: first_gptq + 10]]  # after the per-channel GPTQ rows
     assert extras == ["SparseGPT+GPTQ 4-bit per channel + 50% sparse", "SmoothQuant 8-bit per channel W8A8",
                       "gptq 4-bit g64 act-order + int8 embedding", "QAT 3-bit per channel (QAT, then RTN)"]
+    assert label(rows[first_gptq + 10]) == "rtn 8-bit per channel W8A8 (no smoothing)"
+    assert storage_format(rows[first_gptq + 10]) == storage_format(rows[first_gptq + 7]) == "w8a8"
 
 
 def test_pareto_front():
