@@ -14,10 +14,11 @@ from llmopt_jax.compress.packed import (
 )
 from llmopt_jax.compress.quantize import QuantGrid, rtn_quantize
 from llmopt_jax.compress.recipe import from_recipe
-from llmopt_jax.errors import ConfigError
+from llmopt_jax.errors import ConfigError, ShardingError
 from llmopt_jax.infer.generate import Generator
 from llmopt_jax.infer.roofline import tree_bytes
 from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.parallel.mesh import create_mesh
 from llmopt_jax.parallel.sharded_init import init_model, load_params
 
 
@@ -87,6 +88,28 @@ def test_packed_model_equals_the_dequantized_float_model(quantized):
     prompt = [list(windows[0, :6])]
     packed_tokens = Generator(pgraph, pparams).generate(prompt, 8).tokens
     assert packed_tokens == Generator(graphdef, fparams).generate(prompt, 8).tokens
+
+
+def test_sharded_packed_model_equals_unsharded_and_shards_codes_like_the_float_kernels(quantized):
+    cfg, _, _, new, report, windows = quantized
+    packed = pack_params(new, report["quantized"], KERNEL_INPUT_DIMS)
+    graph, params = packed_model(cfg, packed)
+    mesh = create_mesh(dict(data=2, fsdp=2, tensor=2))
+    graph_s, params_s = packed_model(cfg, packed, mesh=mesh)
+    blocks = nnx.to_pure_dict(params_s)["layers"]
+    block = blocks if cfg.scan_layers else blocks[0]
+    # q: [embed (fsdp) -> heads (tensor) x head_dim]; o and down: [heads or mlp (tensor) -> embed (fsdp)]
+    expect = {"q_proj": ("fsdp", "tensor"), "o_proj": ("tensor", "fsdp"), "down_proj": ("tensor", "fsdp")}
+    for name, axes in expect.items():
+        kernel = block[name]["kernel"]
+        assert tuple(kernel.data.sharding.spec)[-2:] == axes, name
+        assert tuple(kernel.scale.sharding.spec)[-2:] == axes, name  # 2 groups of 16 inputs per shard
+        assert len(kernel.data.sharding.device_set) == 8
+    got, _ = nnx.merge(graph_s, params_s)(jnp.asarray(windows))
+    want, _ = nnx.merge(graph, params)(jnp.asarray(windows))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ShardingError, match="not divisible"):  # 4 heads over 8 tensor shards
+        packed_model(cfg, packed, mesh=create_mesh(dict(data=1, fsdp=1, tensor=8)))
 
 
 def test_packed_4bit_linear_bytes_are_at_most_0_3x_float32(quantized):

@@ -17,6 +17,8 @@ an outside solver without their own containers; see the quantization issue's not
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -166,21 +168,77 @@ def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int]) 
     return walk(pure, quantized) if quantized else pure
 
 
-def packed_model(cfg, pure: dict, dot_general=None) -> tuple[Any, Any]:
+def packed_model(cfg, pure: dict, dot_general=None, mesh=None, rules=None) -> tuple[Any, Any]:
     """``(graphdef, params)`` of a decoder whose linear layers run ``dot_general`` (default
     :func:`packed_dot_general`) on ``pure`` (float leaves cast to the model's weight dtype; :class:`PackedTensor`
-    kernels kept packed)."""
+    kernels kept packed).
+
+    With a ``mesh``, every array is placed in the sharding its float kernel would have under ``rules`` (default
+    ``DEFAULT_RULES``; see :func:`packed_shardings`) and activations are constrained like the float model's.
+    """
     from flax import nnx
 
-    from llmopt_jax.parallel.rules import DEFAULT_RULES
+    from llmopt_jax.parallel.rules import DEFAULT_RULES, check_divisible
     from llmopt_jax.parallel.sharded_init import model_factory
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(cfg, 0, None, DEFAULT_RULES,
+    rules = DEFAULT_RULES if rules is None else rules
+    graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(cfg, 0, mesh, rules,
                                                                       dot_general or packed_dot_general)))
     state = jax.tree.map(lambda x: x, abstract)
     cast = lambda x: x if isinstance(x, PackedTensor) else jnp.asarray(x, cfg.weight_dtype)  # noqa: E731
     nnx.replace_by_pure_dict(state, jax.tree.map(cast, pure, is_leaf=lambda x: isinstance(x, PackedTensor)))
+    if mesh is not None:
+        check_divisible(abstract, mesh, rules)
+        state = jax.device_put(state, packed_shardings(state, abstract, mesh, rules))
     return graphdef, state
+
+
+def packed_shardings(state, abstract, mesh, rules):
+    """Shardings for ``state`` (params whose kernels may be packed) from the float model's ``abstract`` params.
+
+    A packed kernel's codes ``[in·bits/8, out]`` and scales/offsets ``[groups, out]`` take the mesh axes of the
+    float kernel's input dims on their first axis and of its output dims on their last (flattening keeps shards
+    contiguous when the sharded dims lead). An axis stays replicated where that does not hold, where a shard
+    would split a group or a block of 8 packed codes, and for a packed embedding (stored transposed).
+    """
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from llmopt_jax.parallel.rules import tree_shardings
+
+    def one(var, float_var, float_sharding):
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        if not isinstance(value, PackedTensor):
+            return float_sharding
+        lead = value.data.ndim - 2  # stacked layers
+        dims = tuple(float_sharding.get_value().spec)
+        dims += (None,) * (len(float_var.get_value().shape) - len(dims))
+        if tuple(float_var.get_value().shape[lead:]) != value.shape:  # a packed embedding: [d, vocab] of [vocab, d]
+            dims = (None,) * (lead + len(value.shape))
+        kernel, n_in = dims[lead:], value.n_in
+        groups, out = value.scale.shape[-2:]
+        ins = _flattened_axes(kernel[:n_in], value.shape[:n_in])
+        if ins is not None:
+            ways = math.prod(mesh.shape[a] for a in ((ins,) if isinstance(ins, str) else ins))
+            if (math.prod(value.shape[:n_in]) // 8) % ways or (groups > 1 and groups % ways):
+                ins = None
+        outs = _flattened_axes(kernel[n_in:], value.shape[n_in:])
+        named = lambda *axes: NamedSharding(mesh, PartitionSpec(*dims[:lead], *axes))  # noqa: E731
+        grouped = named(ins if groups > 1 else None, outs if out > 1 else None)
+        return float_sharding.replace(dataclasses.replace(
+            value, data=named(ins, outs), scale=grouped, offset=None if value.offset is None else grouped))
+
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(one, state, abstract, tree_shardings(abstract, mesh, rules), is_leaf=is_var)
+
+
+def _flattened_axes(specs: tuple, sizes: tuple):
+    """The mesh axes of kernel dims with ``specs`` once they are flattened into one (row-major): those of the
+    only sharded dim when every dim before it has size 1 (then each shard stays contiguous), else None."""
+    sharded = [i for i, spec in enumerate(specs) if spec is not None]
+    if len(sharded) != 1 or any(size > 1 for size in sizes[: sharded[0]]):
+        return None
+    return specs[sharded[0]]
 
 
 def block_linear_sizes(pure: dict) -> tuple[int, int]:
