@@ -83,20 +83,23 @@ def random_problem(n: int, tokens: int, seed: int):
 
 
 class TorchTimer:
-    """Times the PyTorch reference at several thread counts; stops repeating counts that are clearly slower."""
+    """Times a PyTorch reference solver ``solve(W, H, *args, **kwargs)`` (default: SparseGPT) at several thread
+    counts; stops repeating counts that are clearly slower. ``warmup_args`` complete a warm-up call ``solve(W, H,
+    *warmup_args)``."""
 
-    def __init__(self, thread_counts, slow_factor):
+    def __init__(self, thread_counts, slow_factor, solve=None, warmup_args=(0.5,)):
         import torch
 
-        from experiments.sparsegpt_torch import sparsegpt_torch
+        if solve is None:
+            from experiments.sparsegpt_torch import sparsegpt_torch as solve
 
-        self.torch, self.solve = torch, sparsegpt_torch
+        self.torch, self.solve = torch, solve
         self.default_threads = torch.get_num_threads()
         self.thread_counts = thread_counts
         self.slow_factor = slow_factor
         for threads in thread_counts:  # load the BLAS/LAPACK kernels and start the thread pools
             torch.set_num_threads(threads)
-            self.solve(torch.randn(64, 64), torch.eye(64), 0.5)
+            self.solve(torch.randn(64, 64), torch.eye(64), *warmup_args)
         torch.set_num_threads(self.default_threads)
 
     def new_row(self) -> dict:
@@ -354,14 +357,16 @@ def report_row(row):
         print(f"  WARNING: reconstruction errors differ by more than {RELATIVE_ERROR_TOLERANCE:g} relative")
 
 
-def plot(rows, path):
+def plot(rows, path, title="SparseGPT solve time, same CPU"):
+    """Bar chart of ours vs the PyTorch reference, one pair per row (``row["label"]`` names it when present)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = [f"{r['size']}² {r['pattern']}" if r["kind"] == "matrix" else f"model solves\n{r['pattern']}" for r in rows]
+    labels = [r.get("label") or (f"{r['size']}² {r['pattern']}" if r["kind"] == "matrix" else
+                                 f"model solves\n{r['pattern']}") for r in rows]
     x = np.arange(len(rows))
     ours = [r["ours_seconds"] for r in rows]
     theirs = [r["torch_seconds"] if r["torch_seconds"] is not None else np.nan for r in rows]
@@ -374,7 +379,7 @@ def plot(rows, path):
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("seconds (median)")
-    ax.set_title("SparseGPT solve time, same CPU")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -195,7 +195,7 @@ def gptq_quantize(
     """GPTQ on ``w`` ``[rows, cols]`` with the input Hessian ``hessian`` ``[cols, cols]`` (``2XᵀX/n``).
 
     Returns ``(dequantized float32 weights, QuantizedMatrix)``. Inputs that were never active
-    (``H_jj = 0``) get zero weight.
+    (``H_jj = 0``) get weight 0 before rounding (0 exactly on a symmetric grid, the level nearest 0 otherwise).
     """
     _check_matrix(w, grid)
     if blocksize < 1 or damp_fraction < 0:
