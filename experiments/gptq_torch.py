@@ -66,6 +66,8 @@ def gptq_torch(
         raise ValueError(f"group_size {group_size} does not divide {cols} inputs")
 
     dead = torch.diag(H) == 0
+    # Act-order by the Hessian's own diagonal (dead inputs last); stable, so ties keep input order, as ours.
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols)
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     static = act_order or group_size <= 0
@@ -73,7 +75,6 @@ def gptq_torch(
         fitted = [_fit(W[:, g : g + width], bits, symmetric) for g in range(0, cols, width)]
         scales, offsets = torch.stack([s for s, _ in fitted], 1), torch.stack([o for _, o in fitted], 1)
     group_of = torch.arange(cols) // width
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     W, H, group_of = W[:, perm], H[perm][:, perm], group_of[perm]
 
     diag = torch.arange(cols)

@@ -61,9 +61,9 @@ def label(r: dict) -> str:
     if r["method"] in ("float32", "bfloat16"):
         return r["method"]
     layout = "per channel" if r["group_size"] <= 0 else f"g{r['group_size']}"
-    extra = {"sparsegpt_gptq": " + 50% sparse", "smoothquant": " W8A8", "w8a8": " W8A8 (no smoothing)",
+    extra = {"sparsegpt_gptq": " + 50% sparse", "smoothquant": " W8A8", "w8a8": " (no smoothing)",
              "qat": " (QAT, then RTN)"}.get(r["method"], "")
-    name = {"sparsegpt_gptq": "SparseGPT+GPTQ", "smoothquant": "SmoothQuant", "w8a8": "rtn",
+    name = {"sparsegpt_gptq": "SparseGPT+GPTQ", "smoothquant": "SmoothQuant", "w8a8": "W8A8",
             "qat": "QAT"}.get(r["method"], r["method"])
     emb = f" + int{r['embedding_bits']} embedding" if r.get("embedding_bits") else ""
     return f"{name} {r['bits']}-bit {layout}{' act-order' if r['act_order'] else ''}{extra}{emb}"

@@ -112,6 +112,38 @@ def test_sharded_packed_model_equals_unsharded_and_shards_codes_like_the_float_k
         packed_model(cfg, packed, mesh=create_mesh(dict(data=1, fsdp=1, tensor=8)))
 
 
+@pytest.mark.parametrize("case", ["groups_split_by_shards", "per_channel_symmetric_with_packed_embedding"])
+def test_sharded_packed_model_replicates_what_cannot_be_split(quantized, case):
+    cfg, _, params, new, report, windows = quantized
+    if case == "groups_split_by_shards":  # 2 groups of 16 inputs over 4 fsdp shards: the input axis is replicated
+        mesh_shape, packed = dict(data=1, fsdp=4, tensor=2), pack_params(new, report["quantized"], KERNEL_INPUT_DIMS)
+        expect = {"q_proj": (None, "tensor"), "o_proj": ("tensor", "fsdp")}
+        scales = {"q_proj": (None, "tensor"), "o_proj": ("tensor", "fsdp")}
+    else:  # one scale per output channel, no offsets; the packed embedding ([d, vocab] of [vocab, d]) replicated
+        mesh_shape = dict(data=2, fsdp=2, tensor=2)
+        pure, rep = compress_sequentially(cfg, params, windows, from_recipe([{"name": "rtn", "bits": 4,
+                                                                             "symmetric": True}]), progress=False)
+        packed = pack_embedding(pack_params(pure, rep["quantized"], KERNEL_INPUT_DIMS), QuantGrid(8, 32, symmetric=True))
+        expect = {"q_proj": ("fsdp", "tensor"), "o_proj": ("tensor", "fsdp")}
+        scales = {"q_proj": (None, "tensor"), "o_proj": (None, "fsdp")}
+    graph, params_1 = packed_model(cfg, packed)
+    graph_s, params_s = packed_model(cfg, packed, mesh=create_mesh(mesh_shape))
+    pure_s = nnx.to_pure_dict(params_s)
+    block = pure_s["layers"] if cfg.scan_layers else pure_s["layers"][0]
+    for name, axes in expect.items():
+        kernel = block[name]["kernel"]
+        assert tuple(kernel.data.sharding.spec)[-2:] == axes, name
+        assert tuple(kernel.scale.sharding.spec)[-2:] == scales[name], name
+        assert (kernel.offset is None) == (case != "groups_split_by_shards")
+    embedding = pure_s["embed"]["embedding"]
+    assert isinstance(embedding, PackedTensor) == (case != "groups_split_by_shards")
+    if isinstance(embedding, PackedTensor):
+        assert embedding.data.sharding.is_fully_replicated and embedding.scale.sharding.is_fully_replicated
+    got, _ = nnx.merge(graph_s, params_s)(jnp.asarray(windows))
+    want, _ = nnx.merge(graph, params_1)(jnp.asarray(windows))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_packed_4bit_linear_bytes_are_at_most_0_3x_float32(quantized):
     cfg, _, params, new, report, _ = quantized
     _, pparams = packed_model(cfg, pack_params(new, report["quantized"], KERNEL_INPUT_DIMS))

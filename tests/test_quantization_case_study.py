@@ -24,7 +24,7 @@ def test_grid_runs_cheap_and_headline_rows_first_and_never_twice():
     extras = [label(r) for r in rows[first_gptq + 6: first_gptq + 10]]  # after the per-channel GPTQ rows
     assert extras == ["SparseGPT+GPTQ 4-bit per channel + 50% sparse", "SmoothQuant 8-bit per channel W8A8",
                       "gptq 4-bit g64 act-order + int8 embedding", "QAT 3-bit per channel (QAT, then RTN)"]
-    assert label(rows[first_gptq + 10]) == "rtn 8-bit per channel W8A8 (no smoothing)"
+    assert label(rows[first_gptq + 10]) == "W8A8 8-bit per channel (no smoothing)"
     assert storage_format(rows[first_gptq + 10]) == storage_format(rows[first_gptq + 7]) == "w8a8"
 
 
