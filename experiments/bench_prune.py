@@ -137,10 +137,46 @@ class TorchTimer:
         return by_threads[best], int(best), by_threads
 
 
+def interleaved_runs(ours, theirs, timer, repeats: int, warm_theirs: bool = False):
+    """Times ``ours()`` after a first (compiling) call and, with a ``timer``, ``theirs()`` at each of its thread
+    counts, alternating ``repeats`` times so a shared CPU slows both alike. ``warm_theirs``: one untimed
+    ``theirs()`` after ours' first call.
+
+    Returns ``(ours' first-call seconds, ours' run seconds, ours' last output, torch timing row or None, torch's
+    last output or None)``.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    ours()
+    first = time.perf_counter() - t0
+    if timer and warm_theirs:
+        theirs()
+    runs, torch_times, out, torch_out = [], timer.new_row() if timer else None, None, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = ours()
+        runs.append(time.perf_counter() - t0)
+        if timer:
+            torch_out = timer.run(torch_times, theirs)
+    return first, runs, out, torch_times, torch_out
+
+
+def flatten_row(results: dict, row: dict, key: str, agreement: str) -> None:
+    """Copies a matrix row's numbers into ``results`` as flat keys ``{engine}_{key}_{what}``, ``speedup_{key}`` and
+    ``{agreement}_{key}``."""
+    for name in ("ours_seconds", "ours_compile_seconds", "torch_seconds", "torch_threads",
+                 "ours_relative_error", "torch_relative_error"):
+        engine, what = name.split("_", 1)
+        results[f"{engine}_{key}_{what}"] = row[name]
+    results[f"speedup_{key}"] = row["speedup"]
+    results[f"{agreement}_{key}"] = row[agreement]
+
+
 def main(config, workdir):
+    import functools
     import importlib.util
     import statistics
-    import time
 
     cpu_count = restrict_cpus(config.cpus)  # before JAX starts its thread pools
     import jax
@@ -184,18 +220,12 @@ def main(config, workdir):
         for pat in patterns:
             key = f"{n}_{pattern_key(pat)}"
             print(f"{n}x{n} {pat}:", flush=True)
-            t0 = time.perf_counter()
-            solve_ours(w, h, pat)
-            first = time.perf_counter() - t0
-            ours_runs, torch_times, ours_out, torch_out = [], timer.new_row() if timer else None, None, None
-            for _ in range(config.repeats):
-                t0 = time.perf_counter()
-                ours_out = solve_ours(w, h, pat)
-                ours_runs.append(time.perf_counter() - t0)
-                if timer:
-                    wt, ht = timer.torch.from_numpy(w_np), timer.torch.from_numpy(h_np)
-                    torch_out = timer.run(torch_times, lambda: timer.solve(
-                        wt, ht, pat.sparsity, pat.n, pat.m, blocksize=config.blocksize, percdamp=config.damp_fraction))
+            wt, ht = (timer.torch.from_numpy(w_np), timer.torch.from_numpy(h_np)) if timer else (None, None)
+            first, ours_runs, ours_out, torch_times, torch_out = interleaved_runs(
+                functools.partial(solve_ours, w, h, pat),
+                lambda: timer.solve(wt, ht, pat.sparsity, pat.n, pat.m, blocksize=config.blocksize,
+                                    percdamp=config.damp_fraction),
+                timer, config.repeats)
             ours_s = statistics.median(ours_runs)
             row = dict(kind="matrix", size=n, pattern=str(pat), key=key, ours_seconds=ours_s,
                        ours_compile_seconds=max(first - ours_s, 0.0), ours_runs=ours_runs,
@@ -210,12 +240,7 @@ def main(config, workdir):
                            mask_agreement=float(np.mean(np.asarray(ours_out[1]) == keep_t)), speedup=torch_s / ours_s)
             rows.append(row)
             report_row(row)
-            for name in ("ours_seconds", "ours_compile_seconds", "torch_seconds", "torch_threads",
-                         "ours_relative_error", "torch_relative_error"):
-                engine, what = name.split("_", 1)
-                results[f"{engine}_{key}_{what}"] = row[name]
-            results[f"speedup_{key}"] = row["speedup"]
-            results[f"mask_agreement_{key}"] = row["mask_agreement"]
+            flatten_row(results, row, key, "mask_agreement")
         del w, h, w_np, h_np
 
     # (b) the model row.

@@ -47,9 +47,8 @@ def mode_key(mode: str, n: int) -> str:
 def main(config, workdir):
     import importlib.util
     import statistics
-    import time
 
-    from experiments.bench_prune import TorchTimer, plot, random_problem, restrict_cpus
+    from experiments.bench_prune import TorchTimer, flatten_row, interleaved_runs, plot, random_problem, restrict_cpus
 
     cpu_count = restrict_cpus(config.cpus)  # before JAX starts its thread pools
     import jax
@@ -96,24 +95,15 @@ def main(config, workdir):
                 return jax.block_until_ready(out)
 
             print(f"{n}x{n} {grid.describe()}{' act-order' if act_order else ''}:", flush=True)
-            t0 = time.perf_counter()
-            ours()
-            first = time.perf_counter() - t0
-            ours_runs, torch_times, ours_out, torch_out = [], timer.new_row() if timer else None, None, None
-            if timer:
-                wt, ht = timer.torch.from_numpy(w_np), timer.torch.from_numpy(h_np)
+            wt, ht = (timer.torch.from_numpy(w_np), timer.torch.from_numpy(h_np)) if timer else (None, None)
 
-                def theirs():
-                    return timer.solve(wt, ht, grid.bits, grid.group_size, grid.symmetric, act_order,
-                                       blocksize=config.blocksize, percdamp=config.damp_fraction)
+            def theirs():
+                return timer.solve(wt, ht, grid.bits, grid.group_size, grid.symmetric, act_order,
+                                   blocksize=config.blocksize, percdamp=config.damp_fraction)
 
-                theirs()  # untimed, like ours' first call: caches and allocator warm at this size
-            for _ in range(config.repeats):
-                t0 = time.perf_counter()
-                ours_out = ours()
-                ours_runs.append(time.perf_counter() - t0)
-                if timer:
-                    torch_out = timer.run(torch_times, theirs)
+            # warm_theirs: an untimed reference call, like ours' first call, warms caches and allocator at this size
+            first, ours_runs, ours_out, torch_times, torch_out = interleaved_runs(ours, theirs, timer, config.repeats,
+                                                                                  warm_theirs=True)
             ours_s = statistics.median(ours_runs)
             row = dict(kind="matrix", size=n, mode=mode, label=f"{n}² {mode}", ours_seconds=ours_s,
                        ours_compile_seconds=max(first - ours_s, 0.0), ours_runs=ours_runs,
@@ -134,13 +124,7 @@ def main(config, workdir):
                          f"{row['weight_agreement']:.4f}")
             print(line, flush=True)
             rows.append(row)
-            key = mode_key(mode, n)
-            for name in ("ours_seconds", "ours_compile_seconds", "torch_seconds", "torch_threads",
-                         "ours_relative_error", "torch_relative_error"):
-                engine, what = name.split("_", 1)
-                results[f"{engine}_{key}_{what}"] = row[name]
-            results[f"speedup_{key}"] = row["speedup"]
-            results[f"weight_agreement_{key}"] = row["weight_agreement"]
+            flatten_row(results, row, mode_key(mode, n), "weight_agreement")
 
     results.update(rows=rows, device=str(jax.devices()[0]), cpus=cpu_count, repeats=config.repeats,
                    blocksize=config.blocksize, damp_fraction=config.damp_fraction, symmetric=config.symmetric,
