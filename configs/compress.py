@@ -32,7 +32,11 @@ def get_config(preset: str = "sparsegpt") -> ConfigDict:
     c.bits = {"smoothquant": 8}.get(preset, 4 if preset in QUANTIZING else 32)  # 2..8 quantized; 32 = float
     c.smoothquant_alpha = 0.5  # migration strength: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
     c.group_size = -1  # inputs per quantization group; 0 or -1 = one scale per output channel
-    c.symmetric = False  # rtn/gptq grid: False = scale + offset per group (Q4_1-like); sparsegpt_gptq: always symmetric
+    c.symmetric = False  # rtn/gptq/sparsegpt_gptq grid: False = scale + zero-point per group; True = scale only
+    # Asymmetric grids: "int" = integer zero-point, 0 is a level (the GPTQ/SparseGPT reference quantizer; right for
+    # compressing a model); "float" = float16 offset d·q + min (llama.cpp's Q4_1 rule; right for reproducing or
+    # exporting Q4_1 blocks code for code, but near-zero weights all shift the same way).
+    c.zero_point = "int"
     c.act_order = False  # gptq: visit columns by decreasing Hessian diagonal (implies static groups)
     c.static_groups = False
     # Also round the token embedding (= the tied LM head, the largest matrix of a small model) to this many bits
@@ -49,6 +53,9 @@ def get_config(preset: str = "sparsegpt") -> ConfigDict:
     c.calib.seq_len = 128 if preset == "smoke" else 512
     c.calib.seed = 0
     c.calib.batch_size = 8  # windows per forward pass while collecting statistics
+    # Matmul operands of the calibration forwards and XᵀX: bfloat16 (float32 accumulation; several times faster
+    # on CPUs with AMX and on accelerators, same perplexity within noise) or float32.
+    c.calib.compute_dtype = "bfloat16"
 
     c.eval = ConfigDict()
     c.eval.text_file = ""  # empty = standard-library docstrings (held out, same domain as the calibration text)
@@ -57,8 +64,9 @@ def get_config(preset: str = "sparsegpt") -> ConfigDict:
     c.eval.max_windows = 4 if preset == "smoke" else 0  # 0 = every full window
 
     c.save = ""  # write the compressed model: a path ending in .gguf or a directory (float32 safetensors)
-    # GGUF tensor type: F32, F16, BF16, Q8_0 or Q4_0. Weights quantized by gptq/rtn with symmetric=True,
-    # group_size=32 and bits 8 (Q8_0) / 4 (Q4_0) are stored with their own codes; others are re-rounded.
+    # GGUF tensor type: F32, F16, BF16, Q8_0, Q4_0 or Q4_1. Weights quantized with group_size=32 on the type's own
+    # grid (symmetric 8 bits: Q8_0, symmetric 4 bits: Q4_0, asymmetric 4 bits: Q4_1) are stored with their own
+    # codes; others are re-rounded.
     c.save_type = "F32"
     c.progress = True
     return c

@@ -2,9 +2,10 @@
 
 Rows, in the order they run (a killed run resumes; every row is independent):
 - ``float32`` and ``bfloat16`` storage of the unquantized model;
-- ``rtn`` and ``gptq`` at every ``bits`` x ``group_sizes`` (-1 = one scale per output channel), asymmetric grid;
+- ``rtn`` and ``gptq`` at every ``bits`` x ``group_sizes`` (-1 = one scale per output channel), asymmetric grid with
+  an integer zero-point (the GPTQ reference quantizer; 0 is a level);
 - ``gptq`` with act-order at the ``act_order`` settings (``BITS/GROUP``, comma-separated);
-- ``extras``: ``sparsegpt_gptq`` (50 % SparseGPT + 4-bit symmetric per channel in one pass), ``smoothquant``
+- ``extras``: ``sparsegpt_gptq`` (50 % SparseGPT + 4-bit per channel in one pass, same grid), ``smoothquant``
   (W8A8: int8 weights, dynamic per-token int8 activations), ``w8a8`` (the same without smoothing), ``qat`` (evaluates the model saved by the QAT preset
   of ``experiments/train.py`` at ``qat_model``, quantized with RTN at the bits it was trained for),
   ``gptq_int8_embedding`` (GPTQ 4-bit g64 act-order with the token embedding / tied LM head also packed at 8 bits).
@@ -52,6 +53,7 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.calib.seq_len = p["seq_len"]
     c.calib.seed = 0
     c.calib.batch_size = 8
+    c.calib.compute_dtype = "bfloat16"  # matmul operands of the calibration passes (see configs/compress.py)
 
     c.eval = ConfigDict()
     c.eval.close_text_file = ""  # empty = standard-library docstrings

@@ -64,7 +64,8 @@ def main(config, workdir):
                                                           config.calib.batch_size, config.progress)
     else:
         graphdef, params, pure, report = compress_model(model, calib, step, config.calib.batch_size, config.progress,
-                                                        embedding_bits=config.embedding_bits)
+                                                        embedding_bits=config.embedding_bits,
+                                                        compute_dtype=config.calib.compute_dtype)
     seconds, layers = report.get("seconds", 0.0), report.get("layers", [])
     result = evaluate_perplexity(graphdef, params, np.asarray(tok.encode(eval_text)), config.eval.seq_len,
                                  config.eval.batch_size, max_windows=config.eval.max_windows, progress=config.progress)
@@ -85,6 +86,9 @@ def main(config, workdir):
         "embedding_bits": int(config.embedding_bits),
         "model_bytes": model_bytes,
         "seconds_compress": seconds,
+        **{key: report[key] for key in ("seconds_statistics", "seconds_solve", "seconds_propagate", "seconds_other")
+           if key in report},
+        "calib_compute_dtype": config.calib.compute_dtype,
         "seconds_eval": result.seconds,
         "calib_windows": 0 if calib is None else int(config.calib.num_samples),
         "calib_seq_len": int(config.calib.seq_len),
@@ -124,18 +128,20 @@ def compression_step(config) -> dict | None:
     grid = {"bits": config.bits, "group_size": config.group_size}
     solver = {"blocksize": config.sparsegpt.blocksize, "damp_fraction": config.sparsegpt.damp_fraction}
     if config.method == "rtn":
-        return {"name": "rtn", **grid, "symmetric": config.symmetric}
+        return {"name": "rtn", **grid, "symmetric": config.symmetric, "zero_point": config.zero_point}
     if config.method == "gptq":
         return {"name": "gptq", **grid, "symmetric": config.symmetric, "act_order": config.act_order,
-                "static_groups": config.static_groups, **solver}
-    if config.method == "sparsegpt_gptq":  # one pass, symmetric grid (a pruned zero is code 0)
-        return {"name": "sparsegpt", **prune, **solver, **grid}
+                "static_groups": config.static_groups, "zero_point": config.zero_point, **solver}
+    if config.method == "sparsegpt_gptq":  # one pass; a pruned zero is its group's zero-point code
+        if config.zero_point != "int":
+            raise ConfigError("sparsegpt_gptq needs zero_point='int' (0 must be a level of the grid)")
+        return {"name": "sparsegpt", **prune, **solver, **grid, "symmetric": config.symmetric}
     step = {"name": config.method, **prune}
     return {**step, **solver} if config.method == "sparsegpt" else step
 
 
 def save_model(path, model, pure, tensor_type="F32", quantized=None):
-    """A GGUF in ``tensor_type`` when ``path`` ends in .gguf (tokenizer copied from a GGUF source; Q8_0/Q4_0 keep
+    """A GGUF in ``tensor_type`` when ``path`` ends in .gguf (tokenizer copied from a GGUF source; Q8_0/Q4_0/Q4_1 keep
     the codes of weights quantized on their own grid), else a float32 safetensors directory."""
     if path.endswith(".gguf"):
         from llmopt_jax.io.gguf import read_gguf

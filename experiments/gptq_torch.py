@@ -15,8 +15,10 @@ Pre-trained Transformers", Algorithm 1), in the style of a straightforward PyTor
    ``gptq.py`` fits from the matrix without the current block's updates, which makes its result depend on the
    block size; ours and this one do not).
 
-Grid: ``bits``, symmetric (``d·q``, ``d = signed max / -2^(b-1)``) or asymmetric (``d·q + min``, ``d = (max - min) /
-(2^b - 1)``), scales/offsets rounded to float16; ``group_size`` <= 0 = one scale per output channel.
+Grid: ``bits``, symmetric (``d·q``, ``d = signed max / -2^(b-1)``) or asymmetric: with an integer zero-point
+(``zero_point="int"``, the reference code's quantizer: range widened to include 0, ``d = (max - min) / (2^b - 1)``,
+``z = round(-min / d)``, ``d·(clamp(round(w/d) + z) - z)``) or a float offset (``d·q + min``, llama.cpp's Q4_1);
+scales/offsets rounded to float16; ``group_size`` <= 0 = one scale per output channel.
 
 Only ``torch`` is needed (an optional dependency: ``pip install -e '.[reference]'``); nothing here imports JAX.
 """
@@ -26,21 +28,31 @@ from __future__ import annotations
 import torch
 
 
-def _fit(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset (float16-rounded, float32) of each row of ``groups`` ``[rows, width]`` -> ``[rows]``."""
+def _fit(groups: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "int"
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset (float16-rounded scale, float32) of each row of ``groups`` ``[rows, width]`` -> ``[rows]``;
+    with an integer zero-point the second value is the zero-point ``z`` itself."""
     if symmetric:
         idx = torch.argmax(groups.abs(), dim=1, keepdim=True)
         scale = torch.gather(groups, 1, idx)[:, 0] / -(2 ** (bits - 1))
-        offset = torch.zeros_like(scale)
-    else:
-        low, high = groups.min(dim=1).values, groups.max(dim=1).values
-        scale, offset = (high - low) / (2**bits - 1), low
-    return scale.half().float(), offset.half().float()
+        return scale.half().float(), torch.zeros_like(scale)
+    low, high = groups.min(dim=1).values, groups.max(dim=1).values
+    if zero_point == "float":
+        return ((high - low) / (2**bits - 1)).half().float(), low.half().float()
+    low, high = torch.clamp(low, max=0), torch.clamp(high, min=0)
+    empty = (low == 0) & (high == 0)
+    low[empty], high[empty] = -1.0, 1.0
+    scale = ((high - low) / (2**bits - 1)).half().float()
+    return scale, torch.round(-low / scale)
 
 
-def _round(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+def _round(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, symmetric: bool,
+           zero_point: str = "int") -> torch.Tensor:
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
-    q = torch.clamp(torch.round((w - offset) / torch.where(scale == 0, torch.ones_like(scale), scale)), lo, hi)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    if not symmetric and zero_point == "int":  # offset holds the zero-point
+        return scale * (torch.clamp(torch.round(w / safe) + offset, lo, hi) - offset)
+    q = torch.clamp(torch.round((w - offset) / safe), lo, hi)
     return scale * q + offset
 
 
@@ -53,6 +65,7 @@ def gptq_torch(
     act_order: bool = False,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    zero_point: str = "int",
 ) -> torch.Tensor:
     """GPTQ on ``W`` ``[rows = outputs, cols = inputs]`` with the input Hessian ``H`` ``[cols, cols]``.
 
@@ -72,7 +85,7 @@ def gptq_torch(
     W[:, dead] = 0.0
     static = act_order or group_size <= 0
     if static:  # every group's grid from the original weights
-        fitted = [_fit(W[:, g : g + width], bits, symmetric) for g in range(0, cols, width)]
+        fitted = [_fit(W[:, g : g + width], bits, symmetric, zero_point) for g in range(0, cols, width)]
         scales, offsets = torch.stack([s for s, _ in fitted], 1), torch.stack([o for _, o in fitted], 1)
     group_of = torch.arange(cols) // width
     W, H, group_of = W[:, perm], H[perm][:, perm], group_of[perm]
@@ -95,9 +108,9 @@ def gptq_torch(
             if static:
                 scale, offset = scales[:, group_of[j]], offsets[:, group_of[j]]
             elif j % width == 0:  # the group's first column: fit it from the weights as updated so far
-                scale, offset = _fit(W1[:, i : i + width], bits, symmetric)
+                scale, offset = _fit(W1[:, i : i + width], bits, symmetric, zero_point)
             w = W1[:, i]
-            q = _round(w, scale, offset, bits, symmetric)
+            q = _round(w, scale, offset, bits, symmetric, zero_point)
             err = (w - q) / Hinv1[i, i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)  # OBS update of the rest of the block
             Q1[:, i] = q

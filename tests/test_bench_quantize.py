@@ -18,6 +18,7 @@ from test_bench_prune import problem, relative_error
     (64, 256, 128, QuantGrid(4, 64), True),  # act-order with static groups
     (64, 256, 128, QuantGrid(4, 32, symmetric=True), False),
     (96, 192, 64, QuantGrid(2, 48), False),  # groups straddling the 64-column blocks
+    (24, 40, 16, QuantGrid(3, 8, zero_point="float"), False),  # llama.cpp's Q4_1-style float offset
 ])
 def test_torch_reference_agrees_with_our_solver(rows, cols, blocksize, grid, act_order):
     torch = pytest.importorskip("torch")
@@ -27,11 +28,12 @@ def test_torch_reference_agrees_with_our_solver(rows, cols, blocksize, grid, act
     ours, qm = gptq_quantize(jnp.asarray(w), jnp.asarray(h), grid, blocksize=blocksize, act_order=act_order)
     ours = np.asarray(ours)
     w_t, h_t = torch.from_numpy(w.copy()), torch.from_numpy(h.copy())
-    theirs = gptq_torch(w_t, h_t, grid.bits, grid.group_size, grid.symmetric, act_order, blocksize=blocksize).numpy()
+    theirs = gptq_torch(w_t, h_t, grid.bits, grid.group_size, grid.symmetric, act_order, blocksize=blocksize,
+                        zero_point=grid.zero_point).numpy()
     np.testing.assert_array_equal(w_t.numpy(), w)  # the reference does not modify its inputs
-    # The dead input's weights are zeroed, then rounded: 0 exactly on a symmetric grid, the level nearest 0 else.
+    # The dead input's weights are zeroed, then rounded: 0 exactly on a zero-exact grid, the level nearest 0 else.
     np.testing.assert_array_equal(theirs[:, 3], ours[:, 3])
-    assert not grid.symmetric or (ours[:, 3] == 0).all()
+    assert not grid.zero_exact or (ours[:, 3] == 0).all()
     # The same algorithm on the same grid: float32 sums in a different order can move a weight (or a dynamic
     # group's float16 scale) that sits on a rounding boundary to the next level, and the rest of that row then
     # follows a different path (observed: every weight equal, except 3 of 96 rows from column 96 on at 2 bits).

@@ -40,7 +40,7 @@ def test_compress_smoke_gptq_runs_from_packed_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["method"] == "gptq" and results["bits"] == 3 and results["group_size"] == 64
-    assert results["bits_per_weight"] == pytest.approx(3 + 32 / 64)  # codes + f16 scale and offset per 64
+    assert results["bits_per_weight"] == pytest.approx(3 + 24 / 64)  # codes + f16 scale and u8 zero-point per 64
     # float32 SmolLM2 holds 513 MiB; the packed blocks shrink it to ~155 MiB (the f32 embedding stays)
     assert 140 * 2**20 < results["model_bytes"] < 170 * 2**20
     assert 10 < results["perplexity"] < 100

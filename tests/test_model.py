@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from llmopt_jax.errors import ConfigError
-from llmopt_jax.models.attention import attention, causal_mask
+from llmopt_jax.models.attention import attention, causal_chunked_attention, causal_mask
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.models.decoder import Decoder
 from llmopt_jax.models.rope import apply_rope
@@ -46,6 +46,22 @@ def test_attention_matches_numpy_reference(impl):
     mask = causal_mask(q_pos, jnp.broadcast_to(jnp.arange(7), (2, 7)))
     out = attention(q, k, v, mask, impl)
     np.testing.assert_allclose(out, numpy_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_chunked_attention_equals_full_attention():
+    """Skipping the score blocks that causality masks changes nothing (self-attention, ascending positions, with
+    L a multiple of the chunk; other shapes fall through to plain xla)."""
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (2, 256, 6, 8))
+    k = jax.random.normal(kk, (2, 256, 2, 8))
+    v = jax.random.normal(kv, (2, 256, 2, 8))
+    pos = jnp.broadcast_to(jnp.arange(256), (2, 256))
+    mask = causal_mask(pos, pos)
+    want = numpy_attention(q, k, v, mask)
+    np.testing.assert_allclose(causal_chunked_attention(q, k, v, mask, chunk=64), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(attention(q, k, v, mask, "xla_causal"), want, rtol=1e-5, atol=1e-5)
+    odd = causal_chunked_attention(q[:, :100], k[:, :100], v[:, :100], mask[:, :100, :100], chunk=64)
+    np.testing.assert_allclose(odd, want[:, :100], rtol=1e-5, atol=1e-5)
 
 
 def numpy_rope_halves(x, positions, base):
@@ -99,7 +115,7 @@ def test_causality(scan):
         assert not np.allclose(logits[:, pos], base_logits[:, pos])
 
 
-@pytest.mark.parametrize("scan,impl", [(True, "xla"), (False, "xla"), (True, "dot_product")])
+@pytest.mark.parametrize("scan,impl", [(True, "xla"), (False, "xla"), (True, "dot_product"), (True, "xla_causal")])
 def test_kv_cache_decoding_matches_full_forward(scan, impl):
     model = build(dataclasses.replace(BASE, scan_layers=scan, attention=impl))
     t = tokens(l=11)

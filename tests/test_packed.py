@@ -44,7 +44,8 @@ def test_packing_needs_a_multiple_of_8_inputs():
 
 
 @pytest.mark.parametrize("grid", [QuantGrid(4, 16), QuantGrid(3), QuantGrid(2, 32, symmetric=True),
-                                  QuantGrid(8, symmetric=True), QuantGrid(4, per_tensor=True)])
+                                  QuantGrid(8, symmetric=True), QuantGrid(4, per_tensor=True),
+                                  QuantGrid(4, 16, zero_point="float"), QuantGrid(3, zero_point="float")])
 @pytest.mark.parametrize("kernel_shape, n_in", [((64, 24), 1), ((4, 16, 24), 2)])
 def test_packed_matmul_equals_dequantized_matmul(grid, kernel_shape, n_in):
     rng = np.random.default_rng(0)
@@ -52,6 +53,11 @@ def test_packed_matmul_equals_dequantized_matmul(grid, kernel_shape, n_in):
     name = "o_proj" if n_in == 2 else "q_proj"
     w_hat, qm = rtn_quantize(kernel_to_matrix(name, kernel), grid)
     packed = pack_matrix(qm, kernel_shape, n_in)
+    # What is stored per group: a float16 scale, plus uint8 zero-points (integer) or float16 offsets (float).
+    assert packed.scale.dtype == jnp.float16
+    assert (packed.zero is not None) == grid.integer_zero and (packed.offset is not None) == (not grid.zero_exact)
+    if packed.zero is not None:
+        assert packed.zero.dtype == jnp.uint8 and packed.zero.shape == packed.scale.shape
     dense = np.asarray(w_hat).T.reshape(kernel_shape)
     np.testing.assert_array_equal(np.asarray(packed.dequantize()), dense)
     x = jnp.asarray(rng.standard_normal((3, 5) + kernel_shape[:n_in]), jnp.float32)
@@ -134,7 +140,9 @@ def test_sharded_packed_model_replicates_what_cannot_be_split(quantized, case):
         kernel = block[name]["kernel"]
         assert tuple(kernel.data.sharding.spec)[-2:] == axes, name
         assert tuple(kernel.scale.sharding.spec)[-2:] == scales[name], name
-        assert (kernel.offset is None) == (case != "groups_split_by_shards")
+        assert kernel.offset is None and (kernel.zero is None) == (case != "groups_split_by_shards")
+        if kernel.zero is not None:
+            assert tuple(kernel.zero.sharding.spec)[-2:] == scales[name], name
     embedding = pure_s["embed"]["embedding"]
     assert isinstance(embedding, PackedTensor) == (case != "groups_split_by_shards")
     if isinstance(embedding, PackedTensor):
@@ -150,9 +158,9 @@ def test_packed_4bit_linear_bytes_are_at_most_0_3x_float32(quantized):
     pure_f, pure_p = nnx.to_pure_dict(params), nnx.to_pure_dict(pparams)
     (packed_bytes, n), (float_bytes, n_f) = block_linear_sizes(pure_p), block_linear_sizes(pure_f)
     assert n == n_f and float_bytes == 4 * n
-    assert packed_bytes == n * 4 // 8 + 2 * 2 * n // 16  # codes, then an f16 scale and offset per 16 weights
+    assert packed_bytes == n * 4 // 8 + (2 + 1) * n // 16  # codes, then an f16 scale and a u8 zero per 16 weights
     assert packed_bytes <= 0.3 * float_bytes
-    assert block_bits_per_weight(pure_p) == pytest.approx(4 + 32 / 16)
+    assert block_bits_per_weight(pure_p) == pytest.approx(4 + 24 / 16)
     assert tree_bytes(pparams) == tree_bytes(params) - float_bytes + packed_bytes  # nothing else is held
 
 

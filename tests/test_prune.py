@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+import jax
 import jax.numpy as jnp
 
+from llmopt_jax.compress import prune
 from llmopt_jax.compress.hessian import InputStats, damped_inverse_cholesky
 from llmopt_jax.compress.prune import (
     magnitude_prune, parse_pattern, sparsegpt_prune, wanda_prune,
@@ -138,7 +140,8 @@ def test_inputs_are_not_mutated_and_results_are_deterministic():
     np.testing.assert_array_equal(a[1], b[1])
 
 
-def test_quantizer_sees_each_columns_own_index_across_blocks_and_segments():
+def test_quantizer_sees_each_columns_own_index_across_blocks_and_segments(monkeypatch):
+    monkeypatch.setattr(prune, "SEGMENT_MIN_COLS", 0)  # segment even this small matrix
     w, x, stats = problem(cols=40)  # blocksize 4: 10 blocks run as 8 segments, with column offsets in each
     steps = 0.05 * (1 + jnp.arange(48) % 7)  # a different grid step per column (48 >= padded width)
     pruned, keep = sparsegpt_prune(jnp.asarray(w), stats.hessian, parse_pattern(0.5), blocksize=4,
@@ -147,6 +150,17 @@ def test_quantizer_sees_each_columns_own_index_across_blocks_and_segments():
     pruned, keep = np.asarray(pruned), np.asarray(keep)
     np.testing.assert_allclose(np.where(keep, pruned, 0), np.where(keep, np.round(pruned / step) * step, 0), atol=1e-6)
     assert (pruned[~keep] == 0).all()
+
+
+def test_segmented_loops_give_the_one_loop_result(monkeypatch):
+    """Segments only skip lazy updates of columns that are already final: the same arithmetic."""
+    w, x, stats = problem(cols=40)
+    one = sparsegpt_prune(jnp.asarray(w), stats.hessian, parse_pattern(0.5), blocksize=4)
+    monkeypatch.setattr(prune, "SEGMENT_MIN_COLS", 0)
+    jax.clear_caches()
+    segmented = sparsegpt_prune(jnp.asarray(w), stats.hessian, parse_pattern(0.5), blocksize=4)
+    np.testing.assert_array_equal(np.asarray(one[1]), np.asarray(segmented[1]))
+    np.testing.assert_allclose(np.asarray(one[0]), np.asarray(segmented[0]), rtol=1e-4, atol=1e-5)
 
 
 def test_joint_quantizer_rounds_kept_weights_only():

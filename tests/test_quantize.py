@@ -7,22 +7,34 @@ from llmopt_jax.compress.quantize import QuantGrid, fit_grid, gptq_quantize, rtn
 from llmopt_jax.errors import ConfigError
 
 
+def f16(a):
+    return np.asarray(a).astype(np.float16).astype(np.float32)
+
+
 def np_fit(groups, grid):
-    """Reference grid parameters of each row of ``groups`` [..., width] (float16-rounded)."""
+    """Reference grid parameters of each row of ``groups`` [..., width]: ``(scale, offset)`` float16-rounded,
+    or ``(scale, zero)`` for an integer zero-point (the GPTQ reference quantizer's ``find_params``)."""
     lo, hi = grid.levels
     if grid.symmetric:
         idx = np.argmax(np.abs(groups), axis=-1)
-        scale = np.take_along_axis(groups, idx[..., None], -1)[..., 0] / lo
-        offset = np.zeros_like(scale)
-    else:
-        scale, offset = (groups.max(-1) - groups.min(-1)) / hi, groups.min(-1)
-    return scale.astype(np.float16).astype(np.float32), offset.astype(np.float16).astype(np.float32)
+        return f16(np.take_along_axis(groups, idx[..., None], -1)[..., 0] / lo), np.zeros(groups.shape[:-1], np.float32)
+    if grid.zero_point == "float":
+        return f16((groups.max(-1) - groups.min(-1)) / hi), f16(groups.min(-1))
+    xmin, xmax = np.minimum(groups.min(-1), 0), np.maximum(groups.max(-1), 0)
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin, xmax = np.where(both_zero, -1, xmin), np.where(both_zero, 1, xmax)
+    scale = f16((xmax - xmin) / hi)
+    return scale, np.round(-xmin / scale)
 
 
-def np_round(x, scale, offset, grid):
+def np_round(x, scale, param, grid):
+    """``x`` rounded to the grid: ``scale·(clamp(round(x/scale) + zero) - zero)`` with an integer zero-point,
+    ``scale·clamp(round((x - offset)/scale)) + offset`` otherwise."""
     lo, hi = grid.levels
     safe = np.where(scale == 0, 1.0, scale)
-    return scale * np.clip(np.round((x - offset) / safe), lo, hi) + offset
+    if grid.integer_zero:
+        return scale * (np.clip(np.round(x / safe) + param, lo, hi) - param)
+    return scale * np.clip(np.round((x - param) / safe), lo, hi) + param
 
 
 def np_gptq(w, h, grid, damp=0.01, act_order=False):
@@ -67,7 +79,8 @@ def rel_error(w, q, h):
 
 
 @pytest.mark.parametrize("grid", [QuantGrid(4), QuantGrid(3, symmetric=True), QuantGrid(2, 16),
-                                  QuantGrid(8, 32, symmetric=True), QuantGrid(4, per_tensor=True)])
+                                  QuantGrid(8, 32, symmetric=True), QuantGrid(4, per_tensor=True),
+                                  QuantGrid(3, zero_point="float"), QuantGrid(4, 16, zero_point="float")])
 def test_rtn_matches_numpy(grid):
     w, _ = problem()
     got, qm = rtn_quantize(w, grid)
@@ -91,15 +104,53 @@ def test_symmetric_grid_keeps_zeros_and_uses_every_level():
     assert set(np.unique(np.asarray(qm.codes))) == set(range(-8, 8))
 
 
+def test_integer_zero_point_keeps_zeros_and_is_the_reference_quantizer():
+    """0 is a level of the default asymmetric grid: zeros stay zero; a row of only positive weights gets zero-point
+    0 (its range is widened to include 0); an all-zero row gets the reference's [-1, 1] range."""
+    w, _ = problem()
+    w[:, ::3] = 0.0
+    w[0] = np.abs(w[0])
+    w[1] = 0.0
+    got, qm = rtn_quantize(w, QuantGrid(3))
+    got = np.asarray(got)
+    assert np.all(got[:, ::3] == 0) and np.all(got[1] == 0)
+    zero = np.asarray(qm.zero)[:, 0]
+    assert zero[0] == 0 and np.all((zero >= 0) & (zero <= 7))
+    np.testing.assert_array_equal(np.asarray(qm.codes)[:, ::3], np.broadcast_to(zero[:, None], w[:, ::3].shape))
+    assert np.asarray(qm.scale)[1, 0] == np.float32(np.float16(2 / 7))
+    # offset = -zero·scale exactly, so scale·code + offset is scale·(code - zero) bit for bit
+    np.testing.assert_array_equal(np.asarray(qm.offset), -zero[:, None] * np.asarray(qm.scale))
+
+
+def test_zero_exact_grid_beats_float_offset_grid_on_the_output_at_equal_frobenius_error():
+    """The quantization issue's table in miniature: on a row of many near-zero weights whose inputs have a non-zero
+    mean (like the gated activations entering down_proj), a float offset moves every near-zero weight the same
+    way and the shifts add up in the output; with an integer zero-point 0 is exact and the errors cancel."""
+    rng = np.random.default_rng(3)
+    rows, cols, tokens = 64, 512, 1024
+    w = (rng.laplace(size=(rows, cols)) * 0.02).astype(np.float32)  # most weights near 0 ...
+    w[np.arange(rows), rng.integers(0, cols, rows)] = rng.uniform(0.1, 0.4, rows)  # ... one outlier per row
+    x = (0.5 + 0.3 * rng.standard_normal((tokens, cols))).astype(np.float32)  # inputs with mean 0.5
+    frob, out = {}, {}
+    for zp in ("int", "float"):
+        q, _ = rtn_quantize(w, QuantGrid(3, zero_point=zp))
+        d = w - np.asarray(q)
+        frob[zp] = np.linalg.norm(d) / np.linalg.norm(w)
+        out[zp] = np.linalg.norm(x @ d.T) / np.linalg.norm(x @ w.T)
+    assert frob["int"] == pytest.approx(frob["float"], rel=0.15)  # about the same error per weight ...
+    assert out["int"] < out["float"] / 2.5  # ... but far less of it reaches the output (0.56 vs 1.91 here)
+
+
 def test_asymmetric_grid_reproduces_values_already_on_it():
-    """Values that lie on a Q4_1-style grid (d·q + m per group of 32) come back unchanged."""
+    """Values that lie on a Q4_1-style grid (d·q + m per group of 32) come back unchanged with the float-offset
+    grid (``zero_point="float"``, llama.cpp's rule)."""
     rng = np.random.default_rng(1)
     d = rng.uniform(0.01, 0.1, (8, 4, 1)).astype(np.float16).astype(np.float32)
     m = rng.uniform(-1, 0, (8, 4, 1)).astype(np.float16).astype(np.float32)
     q = rng.integers(0, 16, (8, 4, 32))
     q[..., 0], q[..., 1] = 0, 15  # each group spans the full range, as llama.cpp's quantizer makes it
     w = (d * q + m).reshape(8, 128).astype(np.float32)
-    got, qm = rtn_quantize(w, QuantGrid(4, 32))
+    got, qm = rtn_quantize(w, QuantGrid(4, 32, zero_point="float"))
     np.testing.assert_array_equal(np.asarray(qm.codes).reshape(8, 4, 32), q)
     np.testing.assert_allclose(np.asarray(got), w, rtol=0, atol=1e-6)
 
@@ -107,7 +158,8 @@ def test_asymmetric_grid_reproduces_values_already_on_it():
 @pytest.mark.parametrize(
     "grid, act_order",
     [(QuantGrid(4), False), (QuantGrid(3), True), (QuantGrid(3, 16), False), (QuantGrid(2, 16, symmetric=True), True),
-     (QuantGrid(4, 32, symmetric=True), False)],
+     (QuantGrid(4, 32, symmetric=True), False), (QuantGrid(3, 16, zero_point="float"), False),
+     (QuantGrid(4, zero_point="float"), True)],
 )
 def test_gptq_matches_numpy(grid, act_order):
     w, h = problem()
@@ -139,11 +191,12 @@ def test_gptq_blocksize_does_not_change_the_result():
 def test_gptq_act_order_undoes_the_permutation_and_zeroes_dead_inputs():
     w, h = problem()
     h[5, :] = h[:, 5] = 0.0
-    got, _ = gptq_quantize(w, h, QuantGrid(8, symmetric=True), act_order=True)  # symmetric: 0 is on the grid
-    got = np.asarray(got)
-    assert np.all(got[:, 5] == 0)
-    keep = np.arange(w.shape[1]) != 5
-    np.testing.assert_allclose(got[:, keep], w[:, keep], atol=np.abs(w).max() / 25)  # 8 bits: within a few steps
+    for grid in (QuantGrid(8, symmetric=True), QuantGrid(8)):  # 0 is on both grids
+        got, _ = gptq_quantize(w, h, grid, act_order=True)
+        got = np.asarray(got)
+        assert np.all(got[:, 5] == 0)
+        keep = np.arange(w.shape[1]) != 5
+        np.testing.assert_allclose(got[:, keep], w[:, keep], atol=np.abs(w).max() / 25)  # 8 bits: a few steps
 
 
 def test_gptq_is_deterministic():
@@ -178,4 +231,11 @@ def test_fit_grid_shapes():
     assert fit_grid(w, QuantGrid(4, 16))[0].shape == (6, 4)
     assert fit_grid(w, QuantGrid(4))[0].shape == (6, 1)
     assert fit_grid(w, QuantGrid(4, per_tensor=True))[0].shape == (1, 1)
-    assert QuantGrid(4, 16).storage_bits(6, 64) == 6 * 64 * 4 + 6 * 4 * 32
+    assert QuantGrid(4, 16).storage_bits(6, 64) == 6 * 64 * 4 + 6 * 4 * (16 + 8)  # float16 scale, uint8 zero
+    assert QuantGrid(4, 16, zero_point="float").storage_bits(6, 64) == 6 * 64 * 4 + 6 * 4 * 32
+    assert QuantGrid(4, 16, symmetric=True).storage_bits(6, 64) == 6 * 64 * 4 + 6 * 4 * 16
+
+
+def test_unknown_zero_point_is_refused():
+    with pytest.raises(ConfigError, match="zero_point must be one of"):
+        QuantGrid(4, zero_point="half")

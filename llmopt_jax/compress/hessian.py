@@ -27,11 +27,22 @@ class InputStats:
         return cls(jnp.zeros((dim, dim), jnp.float32), jnp.zeros((dim,), jnp.float32), jnp.zeros((), jnp.int32),
                    jnp.zeros((dim,), jnp.float32))
 
-    def update(self, x: jax.Array) -> "InputStats":
-        """Adds inputs ``x`` ``[..., d]`` (any leading shape; each row is one token)."""
+    def update(self, x: jax.Array, *, low_precision: bool = False, count: jax.Array | None = None) -> "InputStats":
+        """Adds inputs ``x`` ``[..., d]`` (any leading shape; each row is one token). ``low_precision``: ``XᵀX``
+        from bfloat16 operands with float32 accumulation (several times faster on CPUs with AMX and on
+        accelerators; the norms stay float32). ``count``: tokens to count (default: every row; rows of zeros
+        added as padding change nothing else)."""
         x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        xtx = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
-        return InputStats(self.xtx + xtx, self.sq_norms + jnp.sum(x * x, axis=0), self.count + x.shape[0],
+        if low_precision:
+            # Summed over chunks of 512 tokens: XLA:CPU runs this batched form ~1.5-2x faster than one XᵀX
+            # contracting all tokens (same products, float32 sums in another order).
+            chunk = 512 if x.shape[0] % 512 == 0 else x.shape[0]
+            xb = x.astype(jnp.bfloat16).reshape(-1, chunk, x.shape[-1])
+            xtx = jnp.einsum("cnd,cne->de", xb, xb, preferred_element_type=jnp.float32)
+        else:
+            xtx = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+        count = x.shape[0] if count is None else count
+        return InputStats(self.xtx + xtx, self.sq_norms + jnp.sum(x * x, axis=0), self.count + count,
                           jnp.maximum(self.abs_max, jnp.max(jnp.abs(x), axis=0)))
 
     @property

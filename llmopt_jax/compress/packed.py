@@ -3,7 +3,8 @@
 A :class:`PackedTensor` replaces a linear layer's float kernel ``[*in_shape, *out_shape]``. Its codes are packed
 along the (flattened) input axis: every 8 consecutive ``b``-bit codes of an output column occupy ``b`` bytes
 (int8: one byte each; int4: two per byte; int2: four per byte; int3: eight in three bytes), stored as
-``uint8 [in·b/8, out]``. Scales (and offsets when asymmetric) are float16 ``[groups, out]``. Nothing else is
+``uint8 [in·b/8, out]``. Scales are float16 ``[groups, out]``, with uint8 integer zero-points ``[groups, out]``
+(asymmetric grids, the default) or float16 offsets (float-offset grids, llama.cpp's Q4_1 rule). Nothing else is
 kept, so ``model_bytes`` (:func:`held_bytes`) is the memory these arrays really take.
 
 :func:`packed_dot_general` is injected into every ``Linear`` (``models/layers.py``): when its right operand is
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from llmopt_jax.compress.quantize import QuantizedMatrix
+from llmopt_jax.compress.quantize import QuantizedMatrix, zero_codes
 from llmopt_jax.errors import ConfigError
 from llmopt_jax.infer.roofline import tree_bytes
 
@@ -70,7 +71,8 @@ class PackedTensor:
 
     data: jax.Array  # uint8 [..., in·bits/8, out]
     scale: jax.Array  # float16 [..., groups, out] ([..., 1, 1] per tensor)
-    offset: jax.Array | None  # float16 like scale when asymmetric, else None
+    offset: jax.Array | None  # float16 like scale on a float-offset grid, else None
+    zero: jax.Array | None  # uint8 like scale: integer zero-points of an asymmetric grid, else None
     bits: int = struct.field(pytree_node=False)
     lo: int = struct.field(pytree_node=False)  # smallest code (-2^(bits-1) symmetric, 0 asymmetric)
     shape: tuple[int, ...] = struct.field(pytree_node=False)
@@ -87,16 +89,20 @@ class PackedTensor:
         if self.data.ndim != 2:
             raise ValueError(f"dequantize one layer at a time; data has shape {self.data.shape}")
         codes = unpack_codes(self.data, self.bits, self.lo)
-        w = self._scale_groups(codes, self.scale, self.offset)
+        w = self._scale_groups(codes, self.scale, self.offset, self.zero)
         return w.reshape(self.shape).astype(dtype)
 
     @staticmethod
-    def _scale_groups(codes: jax.Array, scale: jax.Array, offset: jax.Array | None) -> jax.Array:
-        """``scale·codes + offset`` float32 ``[n, cols]`` for codes ``[n, cols]`` whose ``n`` rows fall in
-        ``scale.shape[0]`` equal groups; ``scale``/``offset`` ``[groups, cols or 1]``."""
+    def _scale_groups(codes: jax.Array, scale: jax.Array, offset: jax.Array | None,
+                      zero: jax.Array | None) -> jax.Array:
+        """``scale·(codes - zero) + offset`` float32 ``[n, cols]`` for codes ``[n, cols]`` whose ``n`` rows fall in
+        ``scale.shape[0]`` equal groups; ``scale``/``offset``/``zero`` ``[groups, cols or 1]`` (absent = 0)."""
         n, cols = codes.shape
         groups = scale.shape[0]
-        w = codes.astype(jnp.float32).reshape(groups, n // groups, cols) * scale.astype(jnp.float32)[:, None, :]
+        q = codes.reshape(groups, n // groups, cols)
+        if zero is not None:
+            q = q - zero.astype(jnp.int32)[:, None, :]
+        w = q.astype(jnp.float32) * scale.astype(jnp.float32)[:, None, :]
         if offset is not None:
             w = w + offset.astype(jnp.float32)[:, None, :]
         return w.reshape(n, cols)
@@ -107,7 +113,7 @@ class PackedTensor:
         flat = ids.reshape(-1)
         codes = unpack_codes(jnp.take(self.data, flat, axis=1), self.bits, self.lo)
         pick = lambda p: None if p is None else jnp.take(p, flat if p.shape[1] > 1 else jnp.zeros_like(flat), axis=1)  # noqa
-        w = self._scale_groups(codes, pick(self.scale), pick(self.offset))
+        w = self._scale_groups(codes, pick(self.scale), pick(self.offset), pick(self.zero))
         return w.T.reshape(ids.shape + (codes.shape[0],)).astype(dtype)
 
 
@@ -122,10 +128,12 @@ def pack_matrix(qm: QuantizedMatrix, kernel_shape: tuple[int, ...], n_in: int = 
         if grid.per_tensor:
             scale, offset = scale[:1, :1], offset[:1, :1]
         data = pack_codes(codes.T, grid.bits, grid.levels[0])
-        return data, scale.T.astype(jnp.float16), None if grid.symmetric else offset.T.astype(jnp.float16)
+        zero = zero_codes(scale, offset).T.astype(jnp.uint8) if grid.integer_zero else None
+        float_offset = None if grid.zero_exact else offset.T.astype(jnp.float16)
+        return data, scale.T.astype(jnp.float16), float_offset, zero
 
-    data, s, o = jax.vmap(one)(codes, scale, offset) if stacked else one(codes, scale, offset)
-    return PackedTensor(data, s, o, grid.bits, grid.levels[0], tuple(kernel_shape), n_in)
+    data, s, o, z = jax.vmap(one)(codes, scale, offset) if stacked else one(codes, scale, offset)
+    return PackedTensor(data, s, o, z, grid.bits, grid.levels[0], tuple(kernel_shape), n_in)
 
 
 def pack_embedding(pure: dict, grid) -> dict:
@@ -196,7 +204,7 @@ def packed_model(cfg, pure: dict, dot_general=None, mesh=None, rules=None) -> tu
 def packed_shardings(state, abstract, mesh, rules):
     """Shardings for ``state`` (params whose kernels may be packed) from the float model's ``abstract`` params.
 
-    A packed kernel's codes ``[in·bits/8, out]`` and scales/offsets ``[groups, out]`` take the mesh axes of the
+    A packed kernel's codes ``[in·bits/8, out]`` and scales/offsets/zero-points ``[groups, out]`` take the mesh axes of the
     float kernel's input dims on their first axis and of its output dims on their last (flattening keeps shards
     contiguous when the sharded dims lead). An axis stays replicated where that does not hold, where a shard
     would split a group or a block of 8 packed codes, and for a packed embedding (stored transposed).
@@ -226,7 +234,8 @@ def packed_shardings(state, abstract, mesh, rules):
         named = lambda *axes: NamedSharding(mesh, PartitionSpec(*dims[:lead], *axes))  # noqa: E731
         grouped = named(ins if groups > 1 else None, outs if out > 1 else None)
         return float_sharding.replace(dataclasses.replace(
-            value, data=named(ins, outs), scale=grouped, offset=None if value.offset is None else grouped))
+            value, data=named(ins, outs), scale=grouped, offset=None if value.offset is None else grouped,
+            zero=None if value.zero is None else grouped))
 
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     return jax.tree.map(one, state, abstract, tree_shardings(abstract, mesh, rules), is_leaf=is_var)
@@ -243,7 +252,7 @@ def _flattened_axes(specs: tuple, sizes: tuple):
 
 def block_linear_sizes(pure: dict) -> tuple[int, int]:
     """``(bytes held, weights stood for)`` by the decoder blocks' linear kernels in ``pure``: packed ones count
-    their codes, scales and offsets, float ones their dtype's width."""
+    their codes, scales and offsets or zero-points, float ones their dtype's width."""
     is_packed = lambda x: isinstance(x, PackedTensor)  # noqa: E731
     flat = jax.tree_util.tree_flatten_with_path(pure["layers"], is_leaf=is_packed)[0]
     held = weights = 0

@@ -30,8 +30,11 @@ HIGHEST = jax.lax.Precision.HIGHEST
 SUB_BLOCK = 16  # columns per inner pass of SparseGPT (an implementation detail; the mask block is `blocksize`)
 # The blocks of SparseGPT run as up to this many loops, each over a contiguous run of blocks whose lazy updates
 # reach only the columns right of the run's start: the update work falls from rows*cols² to ~(1+1/S)/2 of it,
-# at the price of S compiled loop bodies.
+# at the price of S compiled loop bodies. Matrices with at most SEGMENT_MIN_COLS inputs use one loop: there the
+# saved work is milliseconds while each extra loop body adds about a second of XLA compile time (measured on
+# SmolLM2's 576/1536-wide matrices on CPU: 6-10 s to compile with 8 loops, 2 s with one, and no slower to run).
 MAX_SEGMENTS = 8
+SEGMENT_MIN_COLS = 2048
 # A quantizer for SparseGPT's joint mode: (column values [rows], column index, its parameters) -> rounded column.
 # The parameters (e.g. a grid's scales) are a traced argument, so one compiled solver serves every matrix.
 ColumnQuantizer = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -182,7 +185,7 @@ def sparsegpt_prune(
 
         # Columns are visited in sub-blocks of `sub` columns: each column updates only its sub-block, and a
         # sub-block's errors reach the rest of the block in one matmul (the same arithmetic, fewer passes over
-        # the [rows, bs] block).
+        # the [rows, bs] block). The sub-blocks are one loop, not unrolled: XLA compiles it in a fraction of the time.
         def column(i, state, d_sub, u_sub, offset):
             w_sub, q_sub, err_sub, keep_sub = state
             col = jax.lax.dynamic_slice(w_sub, (0, i), (rows, 1))[:, 0]
@@ -210,20 +213,26 @@ def sparsegpt_prune(
             return state
 
         step, steps = (group, sub // pattern.m) if pattern.is_nm else (column, sub)
-        q_parts, err_parts, keep_parts = [], [], []
-        for j in range(0, bs, sub):
+
+        def sub_block(s, state):
+            # Columns j.. j+sub: solved one by one inside the sub-block, then their errors reach every later
+            # column of the block in one matmul (columns left of j meet zeros of the upper factor; the sub-block's
+            # own columns are final and no longer read).
+            w1, q1, err1, keep1 = state
+            j = s * sub
             zeros = jnp.zeros((rows, sub), jnp.float32)
-            body = functools.partial(step, d_sub=d[j : j + sub], u_sub=u1[j : j + sub, j : j + sub],
-                                     offset=start + i1 + j)
+            body = functools.partial(step, d_sub=jax.lax.dynamic_slice(d, (j,), (sub,)),
+                                     u_sub=jax.lax.dynamic_slice(u1, (j, j), (sub, sub)), offset=start + i1 + j)
             _, q_sub, err_sub, keep_sub = jax.lax.fori_loop(
-                0, steps, body, (w1[:, j : j + sub], zeros, zeros, keep1[:, j : j + sub])
-            )
-            if j + sub < bs:
-                w1 = w1.at[:, j + sub :].add(-jnp.matmul(err_sub, u1[j : j + sub, j + sub :], precision=HIGHEST))
-            q_parts.append(q_sub)
-            err_parts.append(err_sub)
-            keep_parts.append(keep_sub)
-        q1, err1, keep1 = (jnp.concatenate(parts, axis=1) for parts in (q_parts, err_parts, keep_parts))
+                0, steps, body, (jax.lax.dynamic_slice(w1, (0, j), (rows, sub)), zeros, zeros,
+                                 jax.lax.dynamic_slice(keep1, (0, j), (rows, sub))))
+            w1 = w1 - jnp.matmul(err_sub, jax.lax.dynamic_slice(u1, (j, 0), (sub, bs)), precision=HIGHEST)
+            return (w1, jax.lax.dynamic_update_slice(q1, q_sub, (0, j)),
+                    jax.lax.dynamic_update_slice(err1, err_sub, (0, j)),
+                    jax.lax.dynamic_update_slice(keep1, keep_sub, (0, j)))
+
+        zeros = jnp.zeros((rows, bs), jnp.float32)
+        _, q1, err1, keep1 = jax.lax.fori_loop(0, bs // sub, sub_block, (w1, zeros, zeros, keep1))
 
         # Lazy batched update of every later column of the segment; earlier ones see zeros of the upper factor.
         w = w - jnp.matmul(err1, jax.lax.dynamic_slice(upper, (i1, 0), (bs, width)), precision=HIGHEST)
@@ -232,7 +241,7 @@ def sparsegpt_prune(
         return w, keep
 
     keep = jnp.ones((rows, padded), bool)
-    for b0, b1 in _segments(padded // bs, MAX_SEGMENTS):
+    for b0, b1 in _segments(padded // bs, MAX_SEGMENTS if cols > SEGMENT_MIN_COLS else 1):
         c0 = b0 * bs  # columns left of c0 are final: this segment neither reads nor updates them
         body = functools.partial(block, upper=upper[c0:, c0:], valid_cols=valid_cols[c0:], start=c0)
         w_seg, keep_seg = jax.lax.fori_loop(0, b1 - b0, body, (w[:, c0:], keep[:, c0:]))

@@ -7,8 +7,20 @@ how values are rounded: ``bits`` in 2..8, symmetric or asymmetric, and one scale
 - symmetric: ``w ≈ d·q`` with ``q`` in ``[-2^(b-1), 2^(b-1)-1]`` and ``d = m / -2^(b-1)``, ``m`` the group's
   value of largest magnitude (llama.cpp's Q4_0/Q8_0 rule: every level is used and 0 is exact, so a pruned
   weight stays zero).
-- asymmetric: ``w ≈ d·q + o`` with ``q`` in ``[0, 2^b-1]``, ``d = (max - min) / (2^b - 1)``, ``o = min``
-  (llama.cpp's Q4_1 rule; 0 is generally *not* on the grid).
+- asymmetric with an integer zero-point (``zero_point="int"``, the default): the range ``[min, max]`` is widened
+  to include 0, ``d = (max - min) / (2^b - 1)``, ``z = round(-min / d)`` an integer code, ``q = clamp(round(w/d) + z,
+  0, 2^b-1)`` and ``w ≈ d·(q - z)`` (the GPTQ/SparseGPT reference code's quantizer). 0 is a level, so the many
+  near-zero weights of a row round to exactly 0 or to both sides of it and their errors cancel; a pruned weight
+  stays exactly zero.
+- asymmetric with a float offset (``zero_point="float"``): ``w ≈ d·q + o`` with ``d = (max - min) / (2^b - 1)``,
+  ``o = min`` (llama.cpp's Q4_1 rule). Use it to reproduce a Q4_1/Q5_1 file's blocks code for code; 0 is
+  generally *not* a level, so near-zero weights all move the same way, and where they multiply inputs whose
+  mean is not zero that shift adds up in the output (on SmolLM2, RTN 3-bit per channel is ~30x worse in
+  perplexity on this grid than with an integer zero-point, at the same Frobenius error).
+
+Every grid is stored as ``w ≈ scale·q + offset`` per group; with an integer zero-point ``offset = -z·scale``
+exactly (a float16 scale times an integer below 2^8 is exact in float32), and :attr:`QuantizedMatrix.zero`
+recovers ``z``.
 
 Scales and offsets are rounded to float16 before the codes are chosen, because float16 is how they are stored
 (``compress/packed.py``, GGUF): the dequantized values here are exactly what a packed model computes with.
@@ -37,6 +49,9 @@ from llmopt_jax.errors import ConfigError
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+ZERO_POINTS = ("int", "float")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantGrid:
     """How weights are rounded. ``group_size`` > 0: groups of that many inputs; 0 or -1: one group per row."""
@@ -45,10 +60,13 @@ class QuantGrid:
     group_size: int = -1
     symmetric: bool = False
     per_tensor: bool = False
+    zero_point: str = "int"  # asymmetric grids: "int" (GPTQ reference, 0 exact) or "float" (llama.cpp Q4_1)
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(f"bits must be an integer in 2..8, got {self.bits!r}")
+        if self.zero_point not in ZERO_POINTS:
+            raise ConfigError(f"zero_point must be one of {ZERO_POINTS}, got {self.zero_point!r}")
         if self.group_size < -1:
             raise ConfigError(f"group_size must be > 0, or 0 / -1 for per-channel, got {self.group_size}")
         if self.per_tensor and self.group_size > 0:
@@ -60,6 +78,16 @@ class QuantGrid:
         if self.symmetric:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return 0, 2**self.bits - 1
+
+    @property
+    def integer_zero(self) -> bool:
+        """True when the grid has an integer zero-point (asymmetric, ``zero_point="int"``)."""
+        return not self.symmetric and self.zero_point == "int"
+
+    @property
+    def zero_exact(self) -> bool:
+        """True when 0 is always a level (symmetric, or an integer zero-point)."""
+        return self.symmetric or self.zero_point == "int"
 
     @property
     def code_dtype(self):
@@ -76,14 +104,20 @@ class QuantGrid:
     def num_groups(self, cols: int) -> int:
         return cols // self.group_width(cols)
 
+    @property
+    def param_bits(self) -> int:
+        """Bits stored per group besides the codes: a float16 scale, plus a uint8 zero-point or a float16 offset."""
+        return 16 + (0 if self.symmetric else 8 if self.integer_zero else 16)
+
     def storage_bits(self, rows: int, cols: int) -> int:
-        """Bits held for a ``[rows, cols]`` matrix: codes plus float16 scales (and offsets when asymmetric)."""
+        """Bits held for a ``[rows, cols]`` matrix: codes plus each group's :attr:`param_bits`."""
         params = 1 if self.per_tensor else rows * self.num_groups(cols)
-        return rows * cols * self.bits + params * 16 * (1 if self.symmetric else 2)
+        return rows * cols * self.bits + params * self.param_bits
 
     def describe(self) -> str:
         layout = "per tensor" if self.per_tensor else ("per channel" if self.group_size <= 0 else f"g{self.group_size}")
-        return f"{self.bits}-bit {'sym' if self.symmetric else 'asym'} {layout}"
+        kind = "sym" if self.symmetric else "asym" if self.integer_zero else "asym-float-offset"
+        return f"{self.bits}-bit {kind} {layout}"
 
 
 @struct.dataclass
@@ -100,20 +134,33 @@ class QuantizedMatrix:
         """Float32 ``[rows, cols]`` weights the codes stand for."""
         return dequantize(self.codes, self.scale, self.offset)
 
+    @property
+    def zero(self) -> jax.Array:
+        """Integer zero-point of each group, int32 ``[rows or 1, groups]`` (the code that stands for 0; 0 on a
+        symmetric grid). Only defined for grids with :attr:`QuantGrid.zero_exact`."""
+        if not self.grid.zero_exact:
+            raise ConfigError("a float-offset grid has no integer zero-point")
+        return zero_codes(self.scale, self.offset)
+
 
 def _fit_groups(groups: jax.Array, grid: QuantGrid) -> tuple[jax.Array, jax.Array]:
     """Scale and offset (float16-rounded, float32) of each row of ``groups`` ``[..., width]`` -> ``[...]``."""
     lo, hi = grid.levels
+    f16 = lambda a: a.astype(jnp.float16).astype(jnp.float32)  # noqa: E731
     if grid.symmetric:
         idx = jnp.argmax(jnp.abs(groups), axis=-1)
         signed_max = jnp.take_along_axis(groups, idx[..., None], axis=-1)[..., 0]
-        scale = signed_max / lo
-        offset = jnp.zeros_like(scale)
-    else:
-        gmin, gmax = jnp.min(groups, axis=-1), jnp.max(groups, axis=-1)
-        scale, offset = (gmax - gmin) / hi, gmin
-    f16 = lambda a: a.astype(jnp.float16).astype(jnp.float32)  # noqa: E731
-    return f16(scale), f16(offset)
+        return f16(signed_max / lo), jnp.zeros(signed_max.shape, jnp.float32)
+    gmin, gmax = jnp.min(groups, axis=-1), jnp.max(groups, axis=-1)
+    if grid.zero_point == "float":
+        return f16((gmax - gmin) / hi), f16(gmin)
+    # The reference quantizer: widen the range to include 0 (an all-zero group gets [-1, 1]), integer zero-point.
+    gmin, gmax = jnp.minimum(gmin, 0.0), jnp.maximum(gmax, 0.0)
+    empty = (gmin == 0) & (gmax == 0)
+    gmin, gmax = jnp.where(empty, -1.0, gmin), jnp.where(empty, 1.0, gmax)
+    scale = f16((gmax - gmin) / hi)
+    zero = jnp.clip(jnp.round(-gmin / jnp.where(scale == 0, 1.0, scale)), lo, hi)
+    return scale, -zero * scale
 
 
 def fit_grid(w: jax.Array, grid: QuantGrid) -> tuple[jax.Array, jax.Array]:
@@ -132,10 +179,18 @@ def _expand(param: jax.Array, rows: int, cols: int) -> jax.Array:
     return jnp.broadcast_to(jnp.repeat(param, cols // param.shape[1], axis=1), (rows, cols))
 
 
+def zero_codes(scale: jax.Array, offset: jax.Array) -> jax.Array:
+    """Integer zero-points ``-offset / scale`` (exact for a zero-exact grid) as int32, same shape."""
+    return jnp.round(-offset / jnp.where(scale == 0, 1.0, scale)).astype(jnp.int32)
+
+
 def _nearest_level(x: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
     """The level (an integer, as float32) nearest to each ``x`` on the grid ``scale·q + offset`` (same shapes)."""
     lo, hi = grid.levels
-    return jnp.clip(jnp.round((x - offset) / jnp.where(scale == 0, 1.0, scale)), lo, hi)
+    safe = jnp.where(scale == 0, 1.0, scale)
+    if grid.integer_zero:  # round(w / d) + z, as the reference quantizer does (z = -offset / d exactly)
+        return jnp.clip(jnp.round(x / safe) + jnp.round(-offset / safe), lo, hi)
+    return jnp.clip(jnp.round((x - offset) / safe), lo, hi)
 
 
 def encode(w: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
@@ -195,7 +250,7 @@ def gptq_quantize(
     """GPTQ on ``w`` ``[rows, cols]`` with the input Hessian ``hessian`` ``[cols, cols]`` (``2XᵀX/n``).
 
     Returns ``(dequantized float32 weights, QuantizedMatrix)``. Inputs that were never active
-    (``H_jj = 0``) get weight 0 before rounding (0 exactly on a symmetric grid, the level nearest 0 otherwise).
+    (``H_jj = 0``) get weight 0 before rounding (0 exactly on zero-exact grids, the level nearest 0 otherwise).
     """
     _check_matrix(w, grid)
     if blocksize < 1 or damp_fraction < 0:

@@ -7,7 +7,8 @@ statistics and keeps every zero an earlier step made (a later quantizer cannot r
 masks stay valid for sparse fine-tuning. Quantizing steps report their integer codes and scales under
 ``info["quantized"]`` (a :class:`QuantizedMatrix`, what ``compress/packed.py`` stores); a quantizing step must
 be the last one, since a later step would change the weights behind those codes. Joint pruning + quantization
-in one pass is ``sparsegpt`` with ``bits`` (a symmetric grid, on which a pruned zero stays exactly zero).
+in one pass is ``sparsegpt`` with ``bits``. Quantizing pruned weights needs a grid on which 0 is a level
+(symmetric, or asymmetric with an integer zero-point, the default), so a pruned weight stays exactly zero.
 """
 
 from __future__ import annotations
@@ -51,14 +52,15 @@ def wanda(sparsity: float = 0.5, pattern: str = "") -> MatrixTransform:
 
 def sparsegpt(
     sparsity: float = 0.5, pattern: str = "", blocksize: int = 128, damp_fraction: float = 0.01,
-    bits: int = 0, group_size: int = -1,
+    bits: int = 0, group_size: int = -1, symmetric: bool = False,
 ) -> MatrixTransform:
     """SparseGPT with the layer's input Hessian; with ``bits`` > 0 it also rounds the kept weights to a
-    symmetric ``bits``-bit grid (per channel, or groups of ``group_size`` inputs) in the same pass."""
+    ``bits``-bit grid (per channel, or groups of ``group_size`` inputs; asymmetric with an integer zero-point
+    as in the reference code, or symmetric) in the same pass. Both grids have 0 as a level."""
     pat = parse_pattern(sparsity, pattern)
     if blocksize < 1 or not 0 <= damp_fraction:
         raise ConfigError(f"sparsegpt needs blocksize >= 1 and damp_fraction >= 0, got {blocksize}, {damp_fraction}")
-    grid = QuantGrid(bits, group_size, symmetric=True) if bits else None
+    grid = QuantGrid(bits, group_size, symmetric=symmetric) if bits else None
 
     def apply(w: jax.Array, stats: InputStats) -> tuple[jax.Array, dict]:
         if grid is None:
@@ -75,9 +77,10 @@ def sparsegpt(
     return apply
 
 
-def rtn(bits: int = 4, group_size: int = -1, symmetric: bool = False, per_tensor: bool = False) -> MatrixTransform:
+def rtn(bits: int = 4, group_size: int = -1, symmetric: bool = False, per_tensor: bool = False,
+        zero_point: str = "int") -> MatrixTransform:
     """Round-to-nearest on a ``bits``-bit grid (no calibration statistics needed)."""
-    grid = QuantGrid(bits, group_size, symmetric, per_tensor)
+    grid = QuantGrid(bits, group_size, symmetric, per_tensor, zero_point)
 
     def apply(w: jax.Array, stats: InputStats | None) -> tuple[jax.Array, dict]:
         new_w, qm = rtn_quantize(w, grid)
@@ -90,10 +93,10 @@ def rtn(bits: int = 4, group_size: int = -1, symmetric: bool = False, per_tensor
 
 def gptq(
     bits: int = 4, group_size: int = -1, symmetric: bool = False, act_order: bool = False,
-    static_groups: bool = False, blocksize: int = 128, damp_fraction: float = 0.01,
+    static_groups: bool = False, blocksize: int = 128, damp_fraction: float = 0.01, zero_point: str = "int",
 ) -> MatrixTransform:
     """GPTQ on a ``bits``-bit grid with the layer's input Hessian."""
-    grid = QuantGrid(bits, group_size, symmetric)
+    grid = QuantGrid(bits, group_size, symmetric, zero_point=zero_point)
     if blocksize < 1 or not 0 <= damp_fraction:
         raise ConfigError(f"gptq needs blocksize >= 1 and damp_fraction >= 0, got {blocksize}, {damp_fraction}")
 
@@ -118,8 +121,9 @@ def chain(*transforms: MatrixTransform) -> MatrixTransform:
         raise ConfigError("a quantizing step must be the last step of a recipe (later steps would change the "
                           "weights behind its integer codes)")
     last_grid = getattr(transforms[-1], "grid", None) if transforms else None
-    if len(transforms) > 1 and last_grid is not None and not last_grid.symmetric:
-        raise ConfigError("quantizing pruned weights needs symmetric=True: 0 is not a level of an asymmetric grid")
+    if len(transforms) > 1 and last_grid is not None and not last_grid.zero_exact:
+        raise ConfigError("quantizing pruned weights needs a grid with 0 as a level (symmetric, or "
+                          "zero_point='int'): 0 is not a level of a float-offset grid")
 
     def apply(w: jax.Array, stats: InputStats) -> tuple[jax.Array, dict]:
         keep = jnp.ones(w.shape, bool)
@@ -129,9 +133,10 @@ def chain(*transforms: MatrixTransform) -> MatrixTransform:
             keep = keep & info.get("keep", True)
             w = jnp.where(keep, w, 0.0).astype(w.dtype)
             out = {k: v for k, v in info.items() if k == "quantized"}
-        if "quantized" in out and len(transforms) > 1:  # pruned weights are zero, which is code 0 (symmetric)
+        if "quantized" in out and len(transforms) > 1:  # a pruned weight is 0: its group's zero-point code
             qm = out["quantized"]
-            out["quantized"] = qm.replace(codes=jnp.where(keep, qm.codes, 0).astype(qm.codes.dtype))
+            zero = jnp.repeat(qm.zero, w.shape[1] // qm.zero.shape[1], axis=1)
+            out["quantized"] = qm.replace(codes=jnp.where(keep, qm.codes, zero).astype(qm.codes.dtype))
         return w, {"keep": keep, **out}
 
     apply.needs_calibration = any(getattr(t, "needs_calibration", True) for t in transforms)

@@ -71,7 +71,7 @@ def w8a8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     if not isinstance(rhs, PackedTensor):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
-    if rhs.bits != 8 or rhs.offset is not None or rhs.scale.shape[-2] != 1:
+    if rhs.bits != 8 or rhs.offset is not None or rhs.zero is not None or rhs.scale.shape[-2] != 1:
         raise ConfigError("W8A8 needs 8-bit symmetric per-channel weights")
     (contract_x, contract_w), batch = dimension_numbers
     if batch != ((), ()) or contract_w != tuple(range(rhs.n_in)):

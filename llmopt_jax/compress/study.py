@@ -101,10 +101,12 @@ def eval_texts(tokenizer, close_file: str, far_file: str, close_max_windows: int
 
 
 def compress_model(model, calib: np.ndarray | None, step: dict | None, calib_batch_size: int = 8,
-                   progress: bool = False, embedding_bits: int = 0) -> tuple[Any, Any, dict, dict]:
+                   progress: bool = False, embedding_bits: int = 0, compute_dtype: str = "bfloat16"
+                   ) -> tuple[Any, Any, dict, dict]:
     """Compresses ``model`` with one recipe ``step`` (``None`` = unchanged) calibrated on ``calib`` ``[n, len]``;
     ``embedding_bits`` > 0 also rounds the token embedding (the tied LM head) to a symmetric grid with groups
-    of 32 (llama.cpp's Q8_0/Q4_0 layout) and packs it.
+    of 32 (llama.cpp's Q8_0/Q4_0 layout) and packs it. ``compute_dtype``: the calibration passes' matmul operands
+    (``compress_sequentially``).
 
     Returns ``(graphdef, params, float pure params, report)``: quantized tensors stay packed in ``params``
     (``compress/packed.py``); the pure params hold their dequantized values; ``report`` is
@@ -121,7 +123,8 @@ def compress_model(model, calib: np.ndarray | None, step: dict | None, calib_bat
     pure, report = nnx.to_pure_dict(model.params), {}
     if step is not None:
         pure, report = compress_sequentially(model.cfg, model.params, calib, from_recipe([step]),
-                                             batch_size=calib_batch_size, progress=progress)
+                                             batch_size=calib_batch_size, progress=progress,
+                                             compute_dtype=compute_dtype)
     if not report.get("quantized") and not embedding_bits:
         return (model.graphdef, model.params, pure, report) if step is None else \
             (*load_params(model.cfg, pure), pure, report)

@@ -8,9 +8,12 @@ Q8_0/Q4_0 need each row (a weight's input dimension) to be a multiple of 32 valu
 is written as F16 instead, with a warning naming it (llama.cpp's converter and quantizer fall back alike).
 
 Already-quantized weights (``quantized``: ``compress_sequentially``'s records, e.g. GPTQ's) are re-encoded
-exactly when their grid is the block format's own (symmetric, groups of 32, 8 bits for Q8_0 / 4 bits for Q4_0:
-``value = d·q`` with a float16 ``d`` per block): their integer codes and scales are written as they are, so
-llama.cpp computes with the very weights GPTQ chose. Weights on any other grid are re-rounded from their float
+exactly when their grid is the block format's own (groups of 32; symmetric 8 bits for Q8_0 / 4 bits for Q4_0:
+``value = d·q`` with a float16 ``d`` per block; asymmetric 4 bits for Q4_1: ``value = d·q + m`` with float16
+``d`` and ``m``): their integer codes and scales are written as they are, so llama.cpp computes with the very
+weights GPTQ chose. On an integer zero-point grid Q4_1's ``m = -z·d`` is rounded to float16 (the codes stay;
+each weight moves by at most ``z·d·2^-11``, a warning says so); a float-offset grid (``zero_point="float"``,
+llama.cpp's own Q4_1 rule) is written bit for bit. Weights on any other grid are re-rounded from their float
 values by gguf-py's quantizer (round-to-nearest), with a warning.
 """
 
@@ -26,8 +29,9 @@ import numpy as np
 from llmopt_jax.io.gguf import GGUFError, GGUFFile
 from llmopt_jax.models.config import ModelConfig
 
-TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
-BLOCK_BITS = {"Q8_0": 8, "Q4_0": 4}  # the symmetric grid of 32-value blocks each block format stores
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+BLOCK_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}  # bits of the grid of 32-value blocks each block format stores
+SYMMETRIC_BLOCKS = ("Q8_0", "Q4_0")  # d·q; Q4_1 is d·q + m
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
@@ -94,20 +98,23 @@ def _gguf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def encode_blocks(codes: np.ndarray, scale: np.ndarray, tensor_type: str) -> np.ndarray:
-    """ggml's Q8_0 / Q4_0 bytes of a ``[rows, cols]`` matrix given as integer ``codes`` (``[-128, 127]`` /
-    ``[-8, 7]``) and one float16-exact ``scale`` per row and block of 32 (``[rows, cols / 32]``): each block is
-    its float16 scale then the codes (Q8_0: 32 int8; Q4_0: 16 bytes, element j in the low nibble of byte j and
-    element j + 16 in its high nibble, both offset by 8). Returns ``uint8 [rows, cols / 32 * block bytes]``."""
+def encode_blocks(codes: np.ndarray, scale: np.ndarray, tensor_type: str, offset: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """ggml's Q8_0 / Q4_0 / Q4_1 bytes of a ``[rows, cols]`` matrix given as integer ``codes`` (``[-128, 127]`` /
+    ``[-8, 7]`` / ``[0, 15]``) and one float16-exact ``scale`` (and, for Q4_1, ``offset``: ``value = scale·code +
+    offset``) per row and block of 32 (``[rows, cols / 32]``): each block is its float16 scale (Q4_1: then its
+    float16 offset) then the codes (Q8_0: 32 int8; Q4_0/Q4_1: 16 bytes, element j in the low nibble of byte j and
+    element j + 16 in its high nibble, Q4_0's offset by 8). Returns ``uint8 [rows, cols / 32 * block bytes]``."""
     rows, cols = codes.shape
     blocks = codes.reshape(rows, cols // 32, 32).astype(np.int16)
-    d = np.asarray(scale, np.float16).reshape(rows, cols // 32, 1).view(np.uint8)
+    half = lambda a: np.asarray(a, np.float16).reshape(rows, cols // 32, 1).view(np.uint8)  # noqa: E731
+    head = [half(scale)] + ([half(offset)] if tensor_type == "Q4_1" else [])
     if tensor_type == "Q8_0":
         q = blocks.astype(np.int8).view(np.uint8)
     else:
-        u = (blocks + 8).astype(np.uint8)
+        u = (blocks + (8 if tensor_type == "Q4_0" else 0)).astype(np.uint8)
         q = u[..., :16] | (u[..., 16:] << 4)
-    return np.concatenate([d, q], axis=-1).reshape(rows, -1)
+    return np.concatenate([*head, q], axis=-1).reshape(rows, -1)
 
 
 def _add_tensor(writer: Any, name: str, array: np.ndarray, tensor_type: str, record: Any = None) -> bool:
@@ -122,8 +129,8 @@ def _add_tensor(writer: Any, name: str, array: np.ndarray, tensor_type: str, rec
         return False
     if record is not None and _fits_blocks(record.grid, tensor_type):
         qtype = gguf.GGMLQuantizationType[tensor_type]
-        writer.add_tensor(name, encode_blocks(np.asarray(record.codes), np.asarray(record.scale), tensor_type),
-                          raw_dtype=qtype)
+        writer.add_tensor(name, encode_blocks(np.asarray(record.codes), np.asarray(record.scale), tensor_type,
+                                              np.asarray(record.offset)), raw_dtype=qtype)
         return False
     fallback = tensor_type in BLOCK_BITS and array.shape[-1] % 32 != 0
     if fallback or tensor_type == "F16":
@@ -135,8 +142,13 @@ def _add_tensor(writer: Any, name: str, array: np.ndarray, tensor_type: str, rec
 
 
 def _fits_blocks(grid: Any, tensor_type: str) -> bool:
-    return (tensor_type in BLOCK_BITS and grid.symmetric and not grid.per_tensor and grid.group_size == 32
-            and grid.bits == BLOCK_BITS[tensor_type])
+    return (tensor_type in BLOCK_BITS and grid.symmetric == (tensor_type in SYMMETRIC_BLOCKS)
+            and not grid.per_tensor and grid.group_size == 32 and grid.bits == BLOCK_BITS[tensor_type])
+
+
+def _grid_name(tensor_type: str) -> str:
+    kind = "symmetric" if tensor_type in SYMMETRIC_BLOCKS else "asymmetric"
+    return f"{BLOCK_BITS[tensor_type]}-bit {kind}, groups of 32"
 
 
 def _gguf_records(cfg: ModelConfig, quantized: dict) -> dict[str, Any]:
@@ -215,12 +227,16 @@ def write_gguf(
     if tensor_type not in TENSOR_TYPES:
         raise GGUFError(f"{path}: unknown GGUF tensor_type {tensor_type!r}; choose one of {TENSOR_TYPES}")
     file_type = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
-                 "Q4_0": "MOSTLY_Q4_0"}[tensor_type]
+                 "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1"}[tensor_type]
     records = _gguf_records(cfg, quantized) if quantized else {}
     off_grid = sorted({qm.grid.describe() for qm in records.values() if not _fits_blocks(qm.grid, tensor_type)})
     if tensor_type in BLOCK_BITS and off_grid:
         warnings.warn(f"{path}: weights quantized {', '.join(off_grid)} are not on {tensor_type}'s grid "
-                      f"({BLOCK_BITS[tensor_type]}-bit symmetric, groups of 32); re-rounded to nearest")
+                      f"({_grid_name(tensor_type)}); re-rounded to nearest")
+    if tensor_type == "Q4_1" and any(qm.grid.integer_zero and _fits_blocks(qm.grid, tensor_type)
+                                     for qm in records.values()):
+        warnings.warn(f"{path}: Q4_1 stores the offset m = -zero·d in float16; the integer zero-points' offsets "
+                      "are rounded to it (codes unchanged; each weight moves by at most zero·d·2^-11)")
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
