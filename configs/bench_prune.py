@@ -1,4 +1,4 @@
-"""Pruning benchmark presets: ``--config=configs/bench_prune.py:PRESET`` with PRESET in default, smoke."""
+"""Pruning benchmark presets: ``--config=configs/bench_prune.py:PRESET`` with PRESET in default, e2e, smoke."""
 
 from ml_collections import ConfigDict
 
@@ -7,10 +7,13 @@ from llmopt_jax.errors import ConfigError
 PRESETS = {
     # Matrix solves at LLaMA-7B-like sizes, and all 30 blocks of SmolLM2-135M with the default calibration.
     "default": dict(sizes="4096,8192", repeats=3, num_samples=128, seq_len=512, model_repeats=1,
-                    model_layers=0, cpus=0),
+                    model_layers=0, cpus=0, e2e_eval_windows=8),
+    # The issue's end-to-end comparison: 32 x 512 calibration tokens, no matrix rows.
+    "e2e": dict(sizes="", repeats=1, num_samples=32, seq_len=512, model_repeats=1, model_layers=0, cpus=0,
+                e2e_eval_windows=8),
     # Small enough for 2 CPU cores in well under 3 minutes (one core: immune to a busy neighbour); works without torch.
     "smoke": dict(sizes="512", repeats=1, num_samples=8, seq_len=128, model_repeats=1,
-                  model_layers=0, cpus=1),
+                  model_layers=2, cpus=1, e2e_eval_windows=1),
 }
 
 
@@ -40,6 +43,13 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.calib.seq_len = p["seq_len"]
     c.calib.seed = 0
     c.calib.batch_size = 8
+    c.calib.sources = "topics,code,prose"  # as experiments.compress draws them (end-to-end rows)
+    # (e) end to end, run first: the whole model pruned by our engine (each dtype) and by the PyTorch port.
+    c.e2e_row = True
+    c.e2e_dtypes = "bfloat16,float32"  # calibration matmul dtypes of our engine
+    c.e2e_torch_threads = 0  # 0 = all cores (the port's per-column loops can prefer 1 on a shared CPU)
+    c.e2e_eval_windows = p["e2e_eval_windows"]  # windows of held-out text scored per pruned model
+    c.eval_seq_len = 512
     # The PyTorch reference (experiments/sparsegpt_torch.py; needs the `reference` extra).
     c.torch = True  # False: skip it even when torch is installed (its columns are then null)
     c.torch_threads = "1,0"  # thread counts to try (0 = all cores); the faster median is reported

@@ -10,6 +10,14 @@ runs are interleaved (ours, torch at each thread count, repeated) so a shared CP
 are scored by the relative layer reconstruction error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` and by the fraction of
 equal keep-mask entries.
 
+(e) End-to-end rows, run first so that compiles count as in a fresh ``experiments.compress`` run: ``model`` pruned
+with SparseGPT by our engine at each ``e2e_dtypes`` (the calibration matmuls' dtype) and by the PyTorch port of the
+reference code's sequential procedure (``experiments/sparsegpt_torch_model.py``, at ``e2e_torch_threads``), on the
+same ``calib`` windows (drawn like ``experiments.compress``'s). Each reports its seconds split into statistics
+(block forwards that record the linear inputs, plus ``XᵀX``), solve, propagate (forwards of the pruned blocks) and
+other, and the perplexity of the pruned model on ``e2e_eval_windows`` windows of the held-out docstrings (our
+evaluator for both; its seconds too), so speed is compared at equal perplexity.
+
 (b) Model row: ``model`` pruned block by block (``compress_sequentially``, SparseGPT at ``sparsity`` /
 ``model_pattern``) on ``calib.num_samples`` x ``calib.seq_len`` calibration tokens. The transform records every
 ``(W, H)`` it is given, so both solvers are then timed on exactly the same matrix problems (warm, interleaved).
@@ -23,8 +31,11 @@ compiles included), ``ours_model_solver_seconds`` (the solves inside the engine,
 ``ours_model_solver_warm_seconds`` and ``torch_model_solver_seconds`` (all recorded problems, one pass, median of
 ``model_repeats``), ``torch_model_threads``, ``speedup_model_solver`` (torch / ours warm),
 ``ours_model_relative_error`` / ``torch_model_relative_error`` (mean over matrices), ``mask_agreement_model``,
-``model_num_matrices``, ``model_num_blocks``; ``cpus``. Torch keys are null when torch is not installed or
-``torch=False``. Plot: prune.png.
+``model_num_matrices``, ``model_num_blocks``; ``cpus``; end to end, for ``{e}`` = ``ours_bfloat16``,
+``ours_float32`` and ``torch``: ``e2e_{e}_seconds``, ``e2e_{e}_seconds_{statistics,solve,propagate,other}``,
+``e2e_{e}_perplexity``, ``e2e_{e}_eval_seconds``, and ``speedup_e2e_{dtype}`` (torch / ours). Torch keys are null
+when torch is not installed or ``torch=False``. Plots: prune.png (solver rows and end-to-end totals),
+end_to_end.png (the time breakdown).
 
 Threads: ``cpus`` pins the whole process (both solvers) to that many CPUs before JAX starts (0 = all). PyTorch is
 timed at each count of ``torch_threads`` and the fastest median is reported with its count; a count whose first run
@@ -209,6 +220,14 @@ def main(config, workdir):
         print("torch=False: no PyTorch timings, torch columns are null")
 
     rows, results = [], {}
+    if config.e2e_row:
+        e2e = end_to_end_rows(config, timer is not None)
+        results.update(e2e)
+        plot_breakdown(e2e, f"{workdir}/end_to_end.png")
+        for dtype in [d for d in config.e2e_dtypes.split(",") if d]:
+            rows.append(dict(kind="e2e", label=f"end to end\nours {dtype}", key=f"e2e_{dtype}",
+                             ours_seconds=e2e[f"e2e_ours_{dtype}_seconds"], torch_seconds=e2e.get("e2e_torch_seconds"),
+                             speedup=e2e.get(f"speedup_e2e_{dtype}")))
 
     def solve_ours(w, h, pat):
         return jax.block_until_ready(sparsegpt_prune(w, h, pat, config.blocksize, config.damp_fraction))
@@ -261,6 +280,101 @@ def main(config, workdir):
                    torch_version=timer.torch.__version__ if timer else None, jax_version=jax.__version__)
     write_json(f"{workdir}/results.json", results)
     plot(rows, f"{workdir}/prune.png")
+
+
+PHASES = ("statistics", "solve", "propagate", "other")
+
+
+def end_to_end_rows(config, with_torch: bool) -> dict:
+    """Prunes the whole model with our engine (each ``e2e_dtypes``) and with the PyTorch port; flat result keys."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from llmopt_jax.compress.calibrate import compress_sequentially
+    from llmopt_jax.compress.recipe import sparsegpt
+    from llmopt_jax.data.text import calibration_windows, stdlib_docstrings_text
+    from llmopt_jax.eval.perplexity import evaluate_perplexity
+    from llmopt_jax.io.load import load_pretrained
+    from llmopt_jax.parallel.sharded_init import load_params
+
+    model = load_pretrained(config.model)
+    tok = model.require_tokenizer()
+    cfg, pure = model.cfg, jax.tree.map(np.asarray, nnx.to_pure_dict(model.params))
+    if 0 < config.model_layers < cfg.num_layers:
+        keep = config.model_layers
+        pure = {**pure, "layers": jax.tree.map(lambda a: a[:keep], pure["layers"]) if cfg.scan_layers
+                else {i: pure["layers"][i] for i in range(keep)}}
+        cfg = dataclasses.replace(cfg, num_layers=keep)
+    windows = calibration_windows(tok, "", config.calib.sources, config.calib.num_samples, config.calib.seq_len,
+                                  config.calib.seed)
+    eval_tokens = np.asarray(tok.encode(stdlib_docstrings_text()))
+    pattern = config.model_pattern
+    n, m = (int(v) for v in pattern.split(":")) if pattern else (0, 0)
+    del model
+    out: dict = {}
+
+    def evaluate(engine, new_pure):
+        result = evaluate_perplexity(*load_params(cfg, new_pure), eval_tokens, config.eval_seq_len,
+                                     max_windows=config.e2e_eval_windows, progress=False)
+        out[f"e2e_{engine}_perplexity"] = result.perplexity
+        out[f"e2e_{engine}_eval_seconds"] = result.seconds
+        print(f"end to end {engine}: {out[f'e2e_{engine}_seconds']:.1f} s ("
+              + ", ".join(f"{p} {out[f'e2e_{engine}_seconds_{p}']:.1f}" for p in PHASES)
+              + f"), perplexity {result.perplexity:.3f}", flush=True)
+
+    for dtype in [d for d in config.e2e_dtypes.split(",") if d]:
+        transform = sparsegpt(config.sparsity, pattern, config.blocksize, config.damp_fraction)
+        new_pure, report = compress_sequentially(cfg, pure, windows, transform, batch_size=config.calib.batch_size,
+                                                 progress=config.progress, compute_dtype=dtype)
+        out[f"e2e_ours_{dtype}_seconds"] = report["seconds"]
+        out.update({f"e2e_ours_{dtype}_seconds_{p}": report[f"seconds_{p}"] for p in PHASES})
+        evaluate(f"ours_{dtype}", new_pure)
+    if with_torch:
+        import torch
+
+        from experiments.sparsegpt_torch_model import prune_model_torch
+
+        threads = config.e2e_torch_threads or torch.get_num_threads()
+        new_pure, report = prune_model_torch(cfg, pure, windows, sparsity=config.sparsity, n=n, m=m,
+                                             blocksize=config.blocksize, percdamp=config.damp_fraction,
+                                             batch_size=config.calib.batch_size, threads=threads)
+        out.update(e2e_torch_seconds=report["seconds"], e2e_torch_threads=threads,
+                   e2e_torch_seconds_statistics=report["seconds_stats"], e2e_torch_seconds_solve=report["seconds_solve"],
+                   e2e_torch_seconds_propagate=report["seconds_forward"])
+        out["e2e_torch_seconds_other"] = report["seconds"] - sum(out[f"e2e_torch_seconds_{p}"] for p in PHASES[:3])
+        evaluate("torch", new_pure)
+        for dtype in [d for d in config.e2e_dtypes.split(",") if d]:
+            out[f"speedup_e2e_{dtype}"] = out["e2e_torch_seconds"] / out[f"e2e_ours_{dtype}_seconds"]
+    return out
+
+
+def plot_breakdown(e2e: dict, path: str) -> None:
+    """Stacked bars: each end-to-end engine's seconds by phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = [k[len("e2e_"):-len("_seconds")] for k in e2e if k.startswith("e2e_") and k.endswith("_seconds")
+               and not k.endswith("eval_seconds")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = [0.0] * len(engines)
+    for phase in PHASES:
+        values = [e2e[f"e2e_{e}_seconds_{phase}"] for e in engines]
+        ax.bar(engines, values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, e in enumerate(engines):
+        ax.annotate(f"{bottom[i]:.0f} s\nppl {e2e[f'e2e_{e}_perplexity']:.2f}", (i, bottom[i]), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title("SparseGPT, whole model end to end, same CPU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def model_row(config, timer, solve_ours):

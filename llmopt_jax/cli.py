@@ -4,6 +4,10 @@
 is an ``ml_collections`` file whose ``get_config(preset)`` returns a locked ``ConfigDict``; overrides of
 unknown keys, values of the wrong type, a missing file and any :class:`LlmoptError` end the program with one
 line on stderr and exit status 2. Other exceptions are bugs and keep their traceback.
+
+Compiled XLA programs are kept in a persistent cache (``$LLMOPT_JAX_COMPILATION_CACHE``, default
+``~/.cache/llmopt_jax/xla``; ``off`` disables it), as MaxText does: a second run of the same experiment skips most
+compiles (SparseGPT's solver for one matrix shape: 2.1 s cold, 0.6 s from the cache on CPU).
 """
 
 from __future__ import annotations
@@ -52,6 +56,20 @@ def prepare_workdir(config: ConfigDict, workdir: str) -> str:
     return workdir
 
 
+def enable_compilation_cache() -> str | None:
+    """Points JAX's persistent compilation cache at ``$LLMOPT_JAX_COMPILATION_CACHE`` (default
+    ``~/.cache/llmopt_jax/xla``); returns the directory, or None when the variable is ``off``."""
+    import jax
+
+    path = os.environ.get("LLMOPT_JAX_COMPILATION_CACHE", os.path.join("~", ".cache", "llmopt_jax", "xla"))
+    if path.strip().lower() in ("", "off", "0", "none"):
+        return None
+    path = os.path.expanduser(path)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
 def run(main: Callable[[ConfigDict, str], None], default_workdir: str | None = None) -> None:
     """Runs ``main(config, workdir)`` as an absl app with ``--config`` and ``--workdir`` flags."""
     config_flag = config_flags.DEFINE_config_file("config", None, "ml_collections config file:preset", lock_config=True)
@@ -76,6 +94,7 @@ def run(main: Callable[[ConfigDict, str], None], default_workdir: str | None = N
         if len(argv) > 1:
             fail(f"unexpected arguments {argv[1:]}")
         logging.set_verbosity(logging.WARNING)
+        enable_compilation_cache()
         try:
             main(config_flag.value, workdir_flag.value)
         except LlmoptError as e:

@@ -85,8 +85,15 @@ def test_bench_prune_smoke_without_torch(tmp_path):
     assert results["ours_model_seconds"] > results["ours_model_solver_seconds"] > 0
     assert results["ours_model_solver_warm_seconds"] > 0 and 0 < results["ours_model_relative_error"] < 0.1
     assert results["torch_model_solver_seconds"] is None and results["speedup_model_solver"] is None
-    assert [r["kind"] for r in results["rows"]] == ["matrix", "matrix", "model"] and results["cpus"] == 1
-    assert (tmp_path / "prune.png").stat().st_size > 0 and (tmp_path / "config.json").exists()
+    assert [r["kind"] for r in results["rows"]] == ["e2e", "e2e", "matrix", "matrix", "model"] and results["cpus"] == 1
+    for dtype in ("bfloat16", "float32"):  # end to end: the phases add up to the total, the pruned model is scored
+        total = results[f"e2e_ours_{dtype}_seconds"]
+        phases = sum(results[f"e2e_ours_{dtype}_seconds_{p}"] for p in ("statistics", "solve", "propagate", "other"))
+        assert 0 < phases <= total and results[f"e2e_ours_{dtype}_perplexity"] > 1
+    assert "e2e_torch_seconds" not in results
+    for plot in ("prune.png", "end_to_end.png"):
+        assert (tmp_path / plot).stat().st_size > 0
+    assert (tmp_path / "config.json").exists()
 
 
 def test_bench_prune_bad_config_is_one_line(tmp_path):
