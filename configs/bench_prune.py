@@ -42,12 +42,13 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.calib.num_samples = p["num_samples"]
     c.calib.seq_len = p["seq_len"]
     c.calib.seed = 0
-    c.calib.batch_size = 8
+    c.calib.batch_size = 0  # windows per calibration step; 0 = auto (~1024 tokens on CPU)
     c.calib.sources = "topics,code,prose"  # as experiments.compress draws them (end-to-end rows)
     # (e) end to end, run first: the whole model pruned by our engine (each dtype) and by the PyTorch port.
     c.e2e_row = True
     c.e2e_dtypes = "bfloat16,float32"  # calibration matmul dtypes of our engine
     c.e2e_torch_threads = 0  # 0 = all cores (the port's per-column loops can prefer 1 on a shared CPU)
+    c.e2e_torch_batch_size = 8  # windows per forward of the port (upstream forwards one at a time)
     c.e2e_eval_windows = p["e2e_eval_windows"]  # windows of held-out text scored per pruned model
     c.eval_seq_len = 512
     # The PyTorch reference (experiments/sparsegpt_torch.py; needs the `reference` extra).

@@ -52,7 +52,7 @@ def get_config(preset: str = "sparsegpt") -> ConfigDict:
     c.calib.num_samples = 16 if preset == "smoke" else 128
     c.calib.seq_len = 128 if preset == "smoke" else 512
     c.calib.seed = 0
-    c.calib.batch_size = 8  # windows per forward pass while collecting statistics
+    c.calib.batch_size = 0  # windows per step of the calibration passes; 0 = auto (~1024 tokens on CPU)
     # Matmul operands of the calibration forwards and XᵀX: bfloat16 (float32 accumulation; several times faster
     # on CPUs with AMX and on accelerators, same perplexity within noise) or float32.
     c.calib.compute_dtype = "bfloat16"

@@ -52,7 +52,7 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.calib.num_samples = p["num_samples"]
     c.calib.seq_len = p["seq_len"]
     c.calib.seed = 0
-    c.calib.batch_size = 8
+    c.calib.batch_size = 0  # windows per calibration step; 0 = auto (~1024 tokens on CPU)
     c.calib.compute_dtype = "bfloat16"  # matmul operands of the calibration passes (see configs/compress.py)
 
     c.eval = ConfigDict()

@@ -36,7 +36,7 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.calib.num_samples = p["num_samples"]
     c.calib.seq_len = p["seq_len"]
     c.calib.seed = 0
-    c.calib.batch_size = 8
+    c.calib.batch_size = 0  # windows per calibration step; 0 = auto (~1024 tokens on CPU)
 
     c.eval = ConfigDict()
     c.eval.close_text_file = ""  # empty = standard-library docstrings (same domain as the calibration text)

@@ -340,7 +340,7 @@ def end_to_end_rows(config, with_torch: bool) -> dict:
         threads = config.e2e_torch_threads or torch.get_num_threads()
         new_pure, report = prune_model_torch(cfg, pure, windows, sparsity=config.sparsity, n=n, m=m,
                                              blocksize=config.blocksize, percdamp=config.damp_fraction,
-                                             batch_size=config.calib.batch_size, threads=threads)
+                                             batch_size=config.e2e_torch_batch_size, threads=threads)
         out.update(e2e_torch_seconds=report["seconds"], e2e_torch_threads=threads,
                    e2e_torch_seconds_statistics=report["seconds_stats"], e2e_torch_seconds_solve=report["seconds_solve"],
                    e2e_torch_seconds_propagate=report["seconds_forward"])

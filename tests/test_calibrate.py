@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmopt_jax.compress.calibrate import compress_sequentially, kernel_to_matrix, measured_sparsity
+from llmopt_jax.compress.calibrate import auto_batch_size, compress_sequentially, kernel_to_matrix, measured_sparsity
 from llmopt_jax.compress.prune import magnitude_prune, parse_pattern
 from llmopt_jax.compress.recipe import chain, from_recipe, magnitude, sparsegpt, wanda
 from llmopt_jax.errors import ConfigError
@@ -127,3 +127,24 @@ def test_errors(setup):
         from_recipe([{"name": "sparsegpt", "sparsity": 1.5}])
     with pytest.raises(ConfigError, match="non-empty"):
         compress_sequentially(CFG, pure, np.zeros((0, 16), int), magnitude(0.5), progress=False)
+    with pytest.raises(ConfigError, match="batch_size must be positive"):
+        compress_sequentially(CFG, pure, windows, sparsegpt(0.5), batch_size=-1, progress=False)
+    with pytest.raises(ConfigError, match="compute_dtype must be one of"):
+        compress_sequentially(CFG, pure, windows, sparsegpt(0.5), compute_dtype="float16", progress=False)
+
+
+def test_batch_size_changes_only_float_rounding(setup):
+    """Batches (auto, 4 with a padded last batch, all 6 at once) sum the same statistics in another order."""
+    _, pure, windows = setup
+    assert auto_batch_size(512) == 2 and auto_batch_size(16) == 64  # ~1024 tokens per step on CPU
+    seen = {}
+    for batch in (0, 4, 6):
+        calls = []
+        compress_sequentially(CFG, pure, windows, lambda w, s: (calls.append(s) or w, {}), batch_size=batch,
+                              progress=False, compute_dtype="float32")
+        seen[batch] = calls
+    for a, b in zip(seen[0], seen[4]):
+        np.testing.assert_allclose(a.hessian, b.hessian, rtol=1e-5, atol=1e-6)
+        assert int(a.count) == int(b.count) == windows.size
+    for a, b in zip(seen[0], seen[6]):
+        np.testing.assert_allclose(a.hessian, b.hessian, rtol=1e-5, atol=1e-6)

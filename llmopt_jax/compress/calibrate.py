@@ -145,6 +145,14 @@ class _BlockRunner:
         return jax.lax.map(lambda x: self._capturing_forward(block_params, x)[0], xs)
 
 
+def auto_batch_size(seq_len: int) -> int:
+    """Windows per calibration step: ~1024 tokens on CPU, where XLA's bf16 matmuls run fastest on operands that
+    stay in cache (SmolLM2 block forward, 32 x 512 tokens: 0.29 s in steps of 2 windows, 0.39-0.45 s in steps of
+    8), and 8192 tokens on accelerators."""
+    tokens = 1024 if jax.default_backend() == "cpu" else 8192
+    return max(1, tokens // seq_len)
+
+
 @dataclasses.dataclass
 class LayerReport:
     """What happened to one weight matrix."""
@@ -178,7 +186,7 @@ def compress_sequentially(
     windows: np.ndarray | None,
     transform: MatrixTransform,
     *,
-    batch_size: int = 8,
+    batch_size: int = 0,
     progress: bool = True,
     keep_abs_max: bool = False,
     compute_dtype: str = "bfloat16",
@@ -186,7 +194,7 @@ def compress_sequentially(
     """Applies ``transform`` to every linear weight of every block, block by block (SparseGPT's procedure).
 
     ``params``: an ``nnx.State`` or pure dict of the decoder (layers stacked or listed); ``windows`` int
-    ``[N, L]`` calibration tokens. Returns ``(new pure params dict, report)``; the input is not modified.
+    ``[N, L]`` calibration tokens; ``batch_size`` windows per step of the passes (0 = :func:`auto_batch_size`). Returns ``(new pure params dict, report)``; the input is not modified.
     ``report`` has ``layers`` (a :class:`LayerReport` per matrix), ``masks`` (keep-masks in kernel shape,
     nested like the params), ``quantized`` (each quantized matrix's ``QuantizedMatrix`` in the ``[outputs,
     inputs]`` layout, nested like the params and stacked like them; empty when nothing was quantized),
@@ -204,8 +212,9 @@ def compress_sequentially(
     windows = np.asarray(windows if windows is not None or calibrated else np.zeros((1, 1)), np.int32)
     if windows.ndim != 2 or len(windows) == 0:
         raise ConfigError(f"calibration windows must be a non-empty [N, L] array, got shape {windows.shape}")
-    if batch_size < 1:
-        raise ConfigError(f"calib.batch_size must be positive, got {batch_size}")
+    if batch_size < 0:
+        raise ConfigError(f"calib.batch_size must be positive (or 0 = auto), got {batch_size}")
+    batch_size = batch_size or auto_batch_size(windows.shape[1])
     stacked = cfg.scan_layers
     runner = _BlockRunner(cfg, compute_dtype)
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731 - calibration runs in float32

@@ -88,7 +88,7 @@ def w8a8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     return y.astype(preferred_element_type or lhs.dtype)
 
 
-def smoothquant_w8a8(model, calib: np.ndarray, alpha: float = 0.5, batch_size: int = 8, progress: bool = False,
+def smoothquant_w8a8(model, calib: np.ndarray, alpha: float = 0.5, batch_size: int = 0, progress: bool = False,
                      smooth: bool = True) -> tuple[Any, Any, dict, dict]:
     """Smooths (unless ``smooth=False``) and quantizes every block linear layer of ``model`` (a
     ``PretrainedModel``) to int8 per channel; the returned model multiplies with :func:`w8a8_dot_general`.

@@ -100,7 +100,7 @@ def eval_texts(tokenizer, close_file: str, far_file: str, close_max_windows: int
             "far": (np.asarray(tokenizer.encode(far)), far_max_windows)}
 
 
-def compress_model(model, calib: np.ndarray | None, step: dict | None, calib_batch_size: int = 8,
+def compress_model(model, calib: np.ndarray | None, step: dict | None, calib_batch_size: int = 0,
                    progress: bool = False, embedding_bits: int = 0, compute_dtype: str = "bfloat16"
                    ) -> tuple[Any, Any, dict, dict]:
     """Compresses ``model`` with one recipe ``step`` (``None`` = unchanged) calibrated on ``calib`` ``[n, len]``;
@@ -162,7 +162,7 @@ def evaluate_model(graphdef, params, pure: dict, report: dict, texts: dict[str, 
 
 
 def prune_and_evaluate(model, calib: np.ndarray | None, step: dict | None, texts: dict[str, tuple[np.ndarray, int]],
-                       eval_seq_len: int, eval_batch_size: int, calib_batch_size: int = 8,
+                       eval_seq_len: int, eval_batch_size: int, calib_batch_size: int = 0,
                        progress: bool = False) -> dict[str, Any]:
     """:func:`compress_model` with one recipe ``step`` (``None`` = dense), then :func:`evaluate_model`."""
     graphdef, params, pure, report = compress_model(model, calib, step, calib_batch_size, progress)
