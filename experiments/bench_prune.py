@@ -369,6 +369,7 @@ def plot_breakdown(e2e: dict, path: str) -> None:
     for i, e in enumerate(engines):
         ax.annotate(f"{bottom[i]:.0f} s\nppl {e2e[f'e2e_{e}_perplexity']:.2f}", (i, bottom[i]), ha="center",
                     va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.15 * max(bottom))
     ax.set_ylabel("seconds")
     ax.set_title("SparseGPT, whole model end to end, same CPU")
     ax.legend(fontsize=8)
