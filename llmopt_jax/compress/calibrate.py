@@ -194,7 +194,8 @@ def compress_sequentially(
     """Applies ``transform`` to every linear weight of every block, block by block (SparseGPT's procedure).
 
     ``params``: an ``nnx.State`` or pure dict of the decoder (layers stacked or listed); ``windows`` int
-    ``[N, L]`` calibration tokens; ``batch_size`` windows per step of the passes (0 = :func:`auto_batch_size`). Returns ``(new pure params dict, report)``; the input is not modified.
+    ``[N, L]`` calibration tokens; ``batch_size`` windows per step of the passes (0 = :func:`auto_batch_size`).
+    Returns ``(new pure params dict, report)``; the input is not modified.
     ``report`` has ``layers`` (a :class:`LayerReport` per matrix), ``masks`` (keep-masks in kernel shape,
     nested like the params), ``quantized`` (each quantized matrix's ``QuantizedMatrix`` in the ``[outputs,
     inputs]`` layout, nested like the params and stacked like them; empty when nothing was quantized),

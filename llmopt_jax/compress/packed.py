@@ -204,9 +204,9 @@ def packed_model(cfg, pure: dict, dot_general=None, mesh=None, rules=None) -> tu
 def packed_shardings(state, abstract, mesh, rules):
     """Shardings for ``state`` (params whose kernels may be packed) from the float model's ``abstract`` params.
 
-    A packed kernel's codes ``[in·bits/8, out]`` and scales/offsets/zero-points ``[groups, out]`` take the mesh axes of the
-    float kernel's input dims on their first axis and of its output dims on their last (flattening keeps shards
-    contiguous when the sharded dims lead). An axis stays replicated where that does not hold, where a shard
+    A packed kernel's codes ``[in·bits/8, out]`` and scales/offsets/zero-points ``[groups, out]`` take the mesh axes
+    of the float kernel's input dims on their first axis and of its output dims on their last (flattening keeps
+    shards contiguous when the sharded dims lead). An axis stays replicated where that does not hold, where a shard
     would split a group or a block of 8 packed codes, and for a packed embedding (stored transposed).
     """
     from flax import nnx
