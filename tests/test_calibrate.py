@@ -148,3 +148,22 @@ def test_batch_size_changes_only_float_rounding(setup):
         assert int(a.count) == int(b.count) == windows.size
     for a, b in zip(seen[0], seen[6]):
         np.testing.assert_allclose(a.hessian, b.hessian, rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_weights_keep_code_for_zero_on_the_default_asymmetric_grid(setup):
+    """Pruning then quantizing: the integer zero-point grid has 0 as a level, so a pruned weight's code is its group's
+    zero-point and dequantizes to exactly 0; a float-offset grid is refused (0 is not one of its levels)."""
+    from llmopt_jax.compress.recipe import rtn
+
+    _, pure, windows = setup
+    new, report = compress_sequentially(CFG, pure, windows, chain(magnitude(0.5), rtn(bits=3, group_size=16)),
+                                        progress=False)
+    qm = report["quantized"]["layers"][0]["up_proj"]["kernel"]
+    keep = report["masks"]["layers"][0]["up_proj"]["kernel"]
+    w = np.asarray(qm.dequantize())
+    assert np.all(w[~kernel_to_matrix("up_proj", keep).astype(bool)] == 0)
+    zero = np.repeat(np.asarray(qm.zero), w.shape[1] // qm.zero.shape[1], axis=1)
+    pruned = ~np.asarray(kernel_to_matrix("up_proj", keep)).astype(bool)
+    np.testing.assert_array_equal(np.asarray(qm.codes)[pruned], zero[pruned])
+    with pytest.raises(ConfigError, match="0 is not a level of a float-offset grid"):
+        chain(magnitude(0.5), rtn(bits=3, zero_point="float"))
