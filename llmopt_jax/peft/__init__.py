@@ -1,1 +1,0 @@
-"""peft subpackage."""

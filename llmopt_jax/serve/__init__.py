@@ -1,1 +1,0 @@
-"""serve subpackage."""
