@@ -1,8 +1,17 @@
 """Pruning benchmark presets: ``--config=configs/bench_prune.py:PRESET`` with PRESET in default, e2e, smoke."""
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
 
 from llmopt_jax.errors import ConfigError
+
+# Config files are loaded by path (--config=configs/FILE.py:PRESET), not imported from a package: load the shared
+# blocks by path too, so that no sys.path entry is needed.
+_common = importlib.util.spec_from_file_location("configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
+common = importlib.util.module_from_spec(_common)
+_common.loader.exec_module(common)
 
 PRESETS = {
     # Matrix solves at LLaMA-7B-like sizes, and all 30 blocks of SmolLM2-135M with the default calibration.
@@ -25,8 +34,7 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.preset = preset
     c.sparsity = 0.5  # unstructured sparsity (N:M patterns imply their own)
     c.patterns = "unstructured,2:4"  # comma-separated patterns of the matrix rows
-    c.blocksize = 128
-    c.damp_fraction = 0.01
+    c.update(common.solver_config())  # blocksize, damp_fraction
     # (a) random square matrix problems: W [n, n], H = 2XᵀX/N from correlated inputs X [N, n].
     c.sizes = p["sizes"]  # comma-separated n; "" = no matrix rows
     c.tokens = 0  # N, rows of X; 0 = 2n (a full-rank Hessian)
@@ -38,12 +46,9 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.model_pattern = ""  # "" = `sparsity` unstructured, or "N:M"
     c.model_layers = p["model_layers"]  # prune the first blocks only (0 = all)
     c.model_repeats = p["model_repeats"]  # timed passes over the recorded matrix problems per solver
-    c.calib = ConfigDict()
-    c.calib.num_samples = p["num_samples"]
-    c.calib.seq_len = p["seq_len"]
-    c.calib.seed = 0
-    c.calib.batch_size = 0  # windows per calibration step; 0 = auto (~1024 tokens on CPU)
-    c.calib.sources = "topics,code,prose"  # as experiments.compress draws them (end-to-end rows)
+    # The sources as experiments.compress draws them (end-to-end rows); the model row samples the default text.
+    c.calib = common.calib_config(p["num_samples"], p["seq_len"],
+                                  keys=("num_samples", "seq_len", "seed", "batch_size", "sources"))
     # (e) end to end, run first: the whole model pruned by our engine (each dtype) and by the PyTorch port.
     c.e2e_row = True
     c.e2e_dtypes = "bfloat16,float32"  # calibration matmul dtypes of our engine

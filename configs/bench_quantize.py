@@ -1,8 +1,17 @@
 """GPTQ solver benchmark presets: ``--config=configs/bench_quantize.py:PRESET`` with PRESET in default, smoke."""
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
 
 from llmopt_jax.errors import ConfigError
+
+# Config files are loaded by path (--config=configs/FILE.py:PRESET), not imported from a package: load the shared
+# blocks by path too, so that no sys.path entry is needed.
+_common = importlib.util.spec_from_file_location("configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
+common = importlib.util.module_from_spec(_common)
+_common.loader.exec_module(common)
 
 PRESETS = {
     # SmolLM2's widths (576, 1536) and a LLaMA-7B attention matrix (4096).
@@ -22,8 +31,7 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.tokens = 0  # N; 0 = 2n (a full-rank Hessian)
     c.modes = p["modes"]  # comma-separated BITS/GROUP or BITS/GROUP/act (GROUP -1 = per output channel)
     c.symmetric = False  # asymmetric grids (d·q + min), as in the case study
-    c.blocksize = 128
-    c.damp_fraction = 0.01
+    c.update(common.solver_config())  # blocksize, damp_fraction
     c.repeats = p["repeats"]  # timed runs per solver and row (after a warm-up run of ours); medians reported
     c.seed = 0
     # The PyTorch reference (experiments/gptq_torch.py; needs the `reference` extra).

@@ -8,9 +8,18 @@ standard-library source, prose = IDLE's change logs and READMEs). ``damp_fractio
 other dampening at ``damp_variant``.
 """
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
 
 from llmopt_jax.errors import ConfigError
+
+# Config files are loaded by path (--config=configs/FILE.py:PRESET), not imported from a package: load the shared
+# blocks by path too, so that no sys.path entry is needed.
+_common = importlib.util.spec_from_file_location("configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
+common = importlib.util.module_from_spec(_common)
+_common.loader.exec_module(common)
 
 PRESETS = {
     # The case study's set and its mixed-domain twin first; then windows 16..512 of 512 tokens and 65,536 tokens
@@ -36,15 +45,10 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.variants = p["variants"]
     c.damp_fractions = p["damp_fractions"]  # extra SparseGPT dampening levels (comma-separated), at damp_variant
     c.damp_variant = p["damp_variant"]
-    c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))
-    c.calib = ConfigDict(dict(seed=0, batch_size=8))
-    c.eval = ConfigDict()
-    c.eval.close_text_file = ""  # empty = standard-library docstrings (close to the topics)
-    c.eval.far_text_file = ""  # empty = Python's LICENSE.txt (legal English)
-    c.eval.seq_len = 512 if preset == "default" else 128
-    c.eval.batch_size = 4
-    c.eval.close_max_windows = p["close_windows"]  # 0 = all
-    c.eval.far_max_windows = p["far_windows"]
+    c.sparsegpt = common.solver_config()
+    c.calib = common.calib_config(batch_size=8, keys=("seed", "batch_size"))  # each variant names sources and windows
+    c.eval = common.two_text_eval_config(p["close_windows"], p["far_windows"],
+                                         seq_len=512 if preset == "default" else 128)
     c.progress = preset == "default"
     c.report_only = False  # True: table and plot from the rows finished so far, nothing is pruned
     return c

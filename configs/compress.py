@@ -12,9 +12,18 @@ mix keeps SparseGPT ahead of Wanda on far-domain text, where topics alone lets W
 a held-out text close to the topics: the docstrings of standard-library modules.
 """
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
 
 from llmopt_jax.errors import ConfigError
+
+# Config files are loaded by path (--config=configs/FILE.py:PRESET), not imported from a package: load the shared
+# blocks by path too, so that no sys.path entry is needed.
+_common = importlib.util.spec_from_file_location("configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
+common = importlib.util.module_from_spec(_common)
+_common.loader.exec_module(common)
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "rtn", "gptq", "sparsegpt_gptq", "smoothquant")
 QUANTIZING = ("rtn", "gptq", "sparsegpt_gptq", "smoothquant")
@@ -44,18 +53,10 @@ def get_config(preset: str = "sparsegpt") -> ConfigDict:
     c.embedding_bits = 0  # gptq: fit group scales from the original weights up front
 
     # Solver settings shared by SparseGPT and GPTQ (block of columns per lazy update, Hessian dampening).
-    c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))
+    c.sparsegpt = common.solver_config()
 
-    c.calib = ConfigDict()
-    c.calib.text_file = ""  # UTF-8 file(s), comma-separated; empty = the named sources below
-    c.calib.sources = "topics,code,prose"  # names in llmopt_jax.data.text.CALIBRATION_SOURCES, equal shares
-    c.calib.num_samples = 16 if preset == "smoke" else 128
-    c.calib.seq_len = 128 if preset == "smoke" else 512
-    c.calib.seed = 0
-    c.calib.batch_size = 0  # windows per step of the calibration passes; 0 = auto (~1024 tokens on CPU)
-    # Matmul operands of the calibration forwards and XᵀX: bfloat16 (float32 accumulation; several times faster
-    # on CPUs with AMX and on accelerators, same perplexity within noise) or float32.
-    c.calib.compute_dtype = "bfloat16"
+    # The mixed calibration set (topics, code, prose) that the calibration study found the most robust.
+    c.calib = common.calib_config(16, 128) if preset == "smoke" else common.calib_config(128, 512)
 
     c.eval = ConfigDict()
     c.eval.text_file = ""  # empty = standard-library docstrings (held out, same domain as the calibration text)

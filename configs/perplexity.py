@@ -4,10 +4,18 @@
 ``smoke`` only its first 8 windows (a few seconds on 2 CPU cores).
 """
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
 
 from llmopt_jax.errors import ConfigError
-from llmopt_jax.parallel.rules import DEFAULT_RULES
+
+# Config files are loaded by path (--config=configs/FILE.py:PRESET), not imported from a package: load the shared
+# blocks by path too, so that no sys.path entry is needed.
+_common = importlib.util.spec_from_file_location("configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
+common = importlib.util.module_from_spec(_common)
+_common.loader.exec_module(common)
 
 PRESETS = {"smollm2": dict(max_windows=0), "smoke": dict(max_windows=8)}
 
@@ -26,8 +34,7 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.eval.batch_size = 4  # windows per jitted call
     c.eval.max_windows = PRESETS[preset]["max_windows"]  # 0 = every full window of the text
 
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, stage=1))  # batch over every device
-    c.mesh.update({f"dcn_{a}": 1 for a in ("data", "fsdp", "tensor", "expert", "stage")})
-    c.sharding_rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
+    c.mesh = common.mesh_config(data=-1)  # batch over every device
+    c.sharding_rules = common.sharding_rules()
     c.progress = True
     return c

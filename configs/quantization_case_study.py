@@ -14,9 +14,18 @@ calibration: ``pydoc_data.topics``) and one far from it (Python's LICENSE.txt), 
 packed model holds and its decode speed (measured once per storage format).
 """
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
 
 from llmopt_jax.errors import ConfigError
+
+# Config files are loaded by path (--config=configs/FILE.py:PRESET), not imported from a package: load the shared
+# blocks by path too, so that no sys.path entry is needed.
+_common = importlib.util.spec_from_file_location("configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
+common = importlib.util.module_from_spec(_common)
+_common.loader.exec_module(common)
 
 PRESETS = {
     # SmolLM2's inputs are 576 (d_model) and 1536 (mlp) wide: groups of 128 do not divide 576, so the grid uses
@@ -43,25 +52,12 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.extras = p["extras"]  # any of sparsegpt_gptq, smoothquant, w8a8, gptq_int8_embedding, qat
     c.qat_model = "runs/qat/model"  # a safetensors directory written by configs/train.py:qat (for the qat row)
     c.qat_bits = 3
-    c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))  # solver settings of GPTQ and SparseGPT
+    c.sparsegpt = common.solver_config()  # solver settings of GPTQ and SparseGPT
     c.smoothquant_alpha = 0.5  # migration strength: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
 
-    c.calib = ConfigDict()
-    c.calib.text_file = ""
-    c.calib.sources = "topics"  # one domain, as in the SparseGPT case study, so the far text shows overfitting
-    c.calib.num_samples = p["num_samples"]
-    c.calib.seq_len = p["seq_len"]
-    c.calib.seed = 0
-    c.calib.batch_size = 0  # windows per calibration step; 0 = auto (~1024 tokens on CPU)
-    c.calib.compute_dtype = "bfloat16"  # matmul operands of the calibration passes (see configs/compress.py)
-
-    c.eval = ConfigDict()
-    c.eval.close_text_file = ""  # empty = standard-library docstrings
-    c.eval.far_text_file = ""  # empty = Python's LICENSE.txt
-    c.eval.seq_len = 512
-    c.eval.batch_size = 4
-    c.eval.close_max_windows = p["close_windows"]  # 0 = all
-    c.eval.far_max_windows = p["far_windows"]
+    # One calibration domain, as in the SparseGPT case study, so the far text shows overfitting.
+    c.calib = common.calib_config(p["num_samples"], p["seq_len"], sources="topics")
+    c.eval = common.two_text_eval_config(p["close_windows"], p["far_windows"])
     c.decode_tokens = p["decode_tokens"]  # new tokens per timed greedy decode (batch 1); 0 = skip decode timing
     c.decode_repeats = 3
     c.report_only = False  # True: table and plot from the rows finished so far, nothing is computed

@@ -5,9 +5,18 @@ pattern in ``patterns``; each pruned model is evaluated on a text close to the c
 library docstrings; calibration is ``pydoc_data.topics``) and one far from it (Python's LICENSE.txt).
 """
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
 
 from llmopt_jax.errors import ConfigError
+
+# Config files are loaded by path (--config=configs/FILE.py:PRESET), not imported from a package: load the shared
+# blocks by path too, so that no sys.path entry is needed.
+_common = importlib.util.spec_from_file_location("configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
+common = importlib.util.module_from_spec(_common)
+_common.loader.exec_module(common)
 
 PRESETS = {
     "default": dict(sparsities="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", patterns="2:4,4:8", num_samples=128, seq_len=512,
@@ -26,24 +35,13 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.methods = "magnitude,wanda,sparsegpt"
     c.sparsities = p["sparsities"]  # unstructured levels, comma-separated
     c.patterns = p["patterns"]  # N:M patterns, comma-separated ("" for none)
-    c.sparsegpt = ConfigDict(dict(blocksize=128, damp_fraction=0.01))
+    c.sparsegpt = common.solver_config()
 
-    c.calib = ConfigDict()
-    c.calib.text_file = ""  # UTF-8 file(s), comma-separated; empty = the named sources below
     # One domain, as in the paper's protocol (its C4 is one distribution): the study is how methods rank under it.
-    # configs/compress.py defaults to the mixed set that experiments/calibration_study.py found more robust.
-    c.calib.sources = "topics"  # comma-separated names of llmopt_jax.data.text.CALIBRATION_SOURCES, equal shares
-    c.calib.num_samples = p["num_samples"]
-    c.calib.seq_len = p["seq_len"]
-    c.calib.seed = 0
-    c.calib.batch_size = 0  # windows per calibration step; 0 = auto (~1024 tokens on CPU)
-
-    c.eval = ConfigDict()
-    c.eval.close_text_file = ""  # empty = standard-library docstrings (same domain as the calibration text)
-    c.eval.far_text_file = ""  # empty = Python's LICENSE.txt (legal English)
-    c.eval.seq_len = 512
-    c.eval.batch_size = 4
-    c.eval.close_max_windows = p["close_windows"]  # 0 = all
-    c.eval.far_max_windows = p["far_windows"]
+    # configs/compress.py defaults to the mixed set that experiments/calibration_study.py found more robust. No
+    # compute_dtype key: the study's calibration passes run at the engine's default (bfloat16).
+    c.calib = common.calib_config(p["num_samples"], p["seq_len"], sources="topics",
+                                  keys=("text_file", "sources", "num_samples", "seq_len", "seed", "batch_size"))
+    c.eval = common.two_text_eval_config(p["close_windows"], p["far_windows"])
     c.progress = True
     return c

@@ -1,11 +1,19 @@
 """Training presets: ``--config=configs/train.py:PRESET`` with PRESET in smoke, tiny, smollm2_135m, llama2_7b,
 qat (quantization-aware fine-tuning of the pretrained SmolLM2-135M at 3 bits per channel) and qat_smoke."""
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
 
 from llmopt_jax.errors import ConfigError
 from llmopt_jax.models.presets import MODEL_PRESETS
-from llmopt_jax.parallel.rules import DEFAULT_RULES
+
+# Config files are loaded by path (--config=configs/FILE.py:PRESET), not imported from a package: load the shared
+# blocks by path too, so that no sys.path entry is needed.
+_common = importlib.util.spec_from_file_location("configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
+common = importlib.util.module_from_spec(_common)
+_common.loader.exec_module(common)
 
 # steps, seq_len, global batch, grad_accum, lr, warmup, checkpoint_every, compute dtype, remat
 RUN_PRESETS = {
@@ -47,9 +55,8 @@ def get_config(preset: str = "smoke") -> ConfigDict:
         c.model.remat = "full"
 
     # Mesh axis sizes (-1 = the devices left over) and the logical-axis -> mesh-axis rules.
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, stage=1))  # FSDP over all devices
-    c.mesh.update({f"dcn_{a}": 1 for a in ("data", "fsdp", "tensor", "expert", "stage")})
-    c.sharding_rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
+    c.mesh = common.mesh_config(fsdp=-1)  # FSDP over all devices
+    c.sharding_rules = common.sharding_rules()
 
     c.data = ConfigDict()
     c.data.text_files = ""  # comma-separated UTF-8 files; empty = pydoc_data.topics
