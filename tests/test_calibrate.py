@@ -14,6 +14,7 @@ from llmopt_jax.compress.prune import magnitude_prune, parse_pattern
 from llmopt_jax.compress.recipe import chain, from_recipe, magnitude, sparsegpt, wanda
 from llmopt_jax.errors import ConfigError
 from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.models.layout import layer_params, stack_layers
 from llmopt_jax.parallel.sharded_init import init_model, load_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=64,
@@ -90,7 +91,7 @@ def test_pure_masks_sparsity_and_determinism(setup):
 def test_scan_and_list_layouts_agree(setup):
     _, pure, windows = setup
     stacked_cfg = dataclasses.replace(CFG, scan_layers=True)
-    stacked = {**pure, "layers": jax.tree.map(lambda *a: np.stack(a), *[pure["layers"][i] for i in range(2)])}
+    stacked = {**pure, "layers": stack_layers([layer_params(pure["layers"], i, False) for i in range(2)], True)}
     transform = wanda(0.5, "2:4")
     listed, _ = compress_sequentially(CFG, pure, windows, transform, progress=False)
     scanned, report = compress_sequentially(stacked_cfg, stacked, windows, transform, progress=False)

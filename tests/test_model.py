@@ -12,7 +12,8 @@ from llmopt_jax.errors import ConfigError
 from llmopt_jax.models.attention import attention, causal_chunked_attention, causal_mask
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.models.decoder import Decoder
-from llmopt_jax.models.rope import apply_rope
+from llmopt_jax.models.layout import layer_params, stack_layers
+from llmopt_jax.models.rope import apply_rope, permute_rotary_features, rotary_feature_permutation
 
 BASE = ModelConfig(vocab_size=97, d_model=48, num_layers=3, num_heads=6, num_kv_heads=2, mlp_dim=80, rope_base=500.0)
 
@@ -79,7 +80,7 @@ def test_rope_matches_numpy_and_interleaved_is_a_permutation():
     halves = apply_rope(x, pos, 1000.0, interleaved=False)
     np.testing.assert_allclose(halves, numpy_rope_halves(x, pos, 1000.0), rtol=1e-5, atol=1e-5)
     # Interleaved layout = halves layout after permuting head_dim as [0, D/2, 1, D/2+1, ...].
-    perm = np.stack([np.arange(4), np.arange(4) + 4], -1).reshape(-1)
+    perm = rotary_feature_permutation(8, to_interleaved=True)
     inter = apply_rope(x[..., perm], pos, 1000.0, interleaved=True)
     np.testing.assert_allclose(inter, np.asarray(halves)[..., perm], rtol=1e-5, atol=1e-5)
     # Rotation preserves norms.
@@ -92,10 +93,8 @@ def test_interleaved_model_with_permuted_qk_weights_matches():
     inter_cfg = dataclasses.replace(BASE, rope_interleaved=True)
     inter = build(inter_cfg)
     pure = nnx.to_pure_dict(nnx.state(model))
-    d = BASE.head_dim
-    perm = np.stack([np.arange(d // 2), np.arange(d // 2) + d // 2], -1).reshape(-1)
     for name in ("q_proj", "k_proj"):
-        pure["layers"][name]["kernel"] = pure["layers"][name]["kernel"][..., perm]
+        pure["layers"][name]["kernel"] = permute_rotary_features(pure["layers"][name]["kernel"], BASE.head_dim, True)
     inter_state = nnx.state(inter)
     nnx.replace_by_pure_dict(inter_state, pure)
     nnx.update(inter, inter_state)
@@ -147,8 +146,7 @@ def stacked_state_from_list(list_model, scan_model):
     _, list_state = nnx.split(list_model)
     graphdef, scan_state = nnx.split(scan_model)
     pure = nnx.to_pure_dict(list_state)
-    layers = [pure["layers"][i] for i in range(BASE.num_layers)]
-    pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    pure["layers"] = stack_layers([layer_params(pure["layers"], i, False) for i in range(BASE.num_layers)], True)
     nnx.replace_by_pure_dict(scan_state, pure)
     return nnx.merge(graphdef, scan_state)
 

@@ -28,6 +28,7 @@ from llmopt_jax.compress.hessian import InputStats
 from llmopt_jax.errors import ConfigError
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.models.decoder import Block
+from llmopt_jax.models.layout import layer_params, stack_layers
 
 MatrixTransform = Callable[[jax.Array, InputStats], tuple[jax.Array, dict]]
 
@@ -61,10 +62,6 @@ def measured_sparsity(params: Any) -> float:
     """Fraction of exact zeros over all block linear kernels."""
     kernels = block_kernels(params)
     return sum(int(np.sum(np.asarray(k) == 0)) for k in kernels) / sum(int(np.size(k)) for k in kernels)
-
-
-def _layer(pure: dict, i: int, stacked: bool) -> dict:
-    return jax.tree.map(lambda a: a[i], pure["layers"]) if stacked else pure["layers"][i]
 
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -235,7 +232,7 @@ def compress_sequentially(
     new_layers, layer_masks, layer_quantized, reports, abs_max = [], [], [], [], []
     for i in tqdm(range(cfg.num_layers), desc="blocks", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        block = jax.tree.map(f32, _layer(pure, i, stacked))
+        block = jax.tree.map(f32, layer_params(pure["layers"], i, stacked))
         stats = runner.statistics(block, xs, real, {g: InputStats.zeros(d) for g, d in dims.items()}) \
             if calibrated else dict.fromkeys(dims)
         stats = jax.block_until_ready(stats)  # so the per-matrix seconds below time the transform alone
@@ -271,20 +268,15 @@ def compress_sequentially(
         if calibrated:
             xs = jax.block_until_ready(runner.forward(new_block, xs))
         seconds["propagate"] += time.perf_counter() - t0
-        original = _layer(pure, i, stacked)
+        original = layer_params(pure["layers"], i, stacked)
         new_layers.append(jax.tree.map(lambda new, old: np.asarray(new, np.asarray(old).dtype), new_block, original))
         layer_masks.append(masks)
         layer_quantized.append(quantized)
 
     out = {k: v for k, v in pure.items() if k != "layers"}
-    if stacked:
-        out["layers"] = jax.tree.map(lambda *a: np.stack(a), *new_layers)
-        masks_out = jax.tree.map(lambda *a: np.stack(a), *layer_masks) if layer_masks[0] else {}
-        quantized_out = jax.tree.map(lambda *a: np.stack(a), *layer_quantized) if layer_quantized[0] else {}
-    else:
-        out["layers"] = dict(enumerate(new_layers))
-        masks_out = dict(enumerate(layer_masks))
-        quantized_out = dict(enumerate(layer_quantized)) if layer_quantized[0] else {}
+    out["layers"] = stack_layers(new_layers, stacked)
+    masks_out = stack_layers(layer_masks, stacked)  # stacked and mask-free: {}
+    quantized_out = stack_layers(layer_quantized, stacked) if layer_quantized[0] else {}
     return out, {"layers": reports, "masks": {"layers": masks_out},
                  "quantized": {"layers": quantized_out} if quantized_out else {},
                  "seconds": time.perf_counter() - t_start, **{f"seconds_{k}": v for k, v in seconds.items()},

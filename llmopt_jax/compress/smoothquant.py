@@ -101,6 +101,7 @@ def smoothquant_w8a8(model, calib: np.ndarray, alpha: float = 0.5, batch_size: i
     from llmopt_jax.compress.calibrate import KERNEL_INPUT_DIMS, compress_sequentially
     from llmopt_jax.compress.packed import pack_params, packed_model
     from llmopt_jax.compress.recipe import rtn
+    from llmopt_jax.models.layout import layer_params, stack_layers
 
     cfg = model.cfg
     pure = nnx.to_pure_dict(model.params)
@@ -110,12 +111,10 @@ def smoothquant_w8a8(model, calib: np.ndarray, alpha: float = 0.5, batch_size: i
                                          progress=progress, keep_abs_max=True)
         layers = []
         for i in range(cfg.num_layers):
-            block = jax.tree.map(lambda a: a[i], pure["layers"]) if cfg.scan_layers else pure["layers"][i]
-            block, f = smooth_block(block, stats["abs_max"][i], alpha)
+            block, f = smooth_block(layer_params(pure["layers"], i, cfg.scan_layers), stats["abs_max"][i], alpha)
             layers.append(jax.tree.map(np.asarray, block))
             factors.append({g: np.asarray(v) for g, v in f.items()})
-        pure = {**pure, "layers": jax.tree.map(lambda *a: np.stack(a), *layers) if cfg.scan_layers
-                else dict(enumerate(layers))}
+        pure = {**pure, "layers": stack_layers(layers, cfg.scan_layers)}
     new, report = compress_sequentially(cfg, pure, calib, rtn(bits=8, symmetric=True), batch_size=batch_size,
                                         progress=progress)
     graphdef, params = packed_model(cfg, pack_params(new, report["quantized"], KERNEL_INPUT_DIMS),

@@ -15,6 +15,7 @@ import numpy as np
 
 from llmopt_jax.errors import LlmoptError
 from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.models.layout import stack_layers
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -145,12 +146,7 @@ def params_from_gguf(f: GGUFFile, cfg: ModelConfig) -> dict:
         "embed": {"embedding": _expect(f, "token_embd.weight", f.tensor("token_embd.weight"), (cfg.vocab_size, d))},
         "final_norm": {"scale": vector("output_norm.weight", d)},
     }
-    if cfg.scan_layers:
-        import jax
-
-        params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
-    else:
-        params["layers"] = dict(enumerate(layers))
+    params["layers"] = stack_layers(layers, cfg.scan_layers)
     if not cfg.tie_embeddings:
         params["lm_head"] = {"kernel": linear("output.weight", cfg.vocab_size, d)}
     return params

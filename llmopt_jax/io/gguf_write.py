@@ -19,6 +19,7 @@ values by gguf-py's quantizer (round-to-nearest), with a warning.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import warnings
@@ -28,6 +29,8 @@ import numpy as np
 
 from llmopt_jax.io.gguf import GGUFError, GGUFFile
 from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.models.layout import layer_params
+from llmopt_jax.models.rope import permute_rotary_features
 
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 BLOCK_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}  # bits of the grid of 32-value blocks each block format stores
@@ -42,13 +45,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x)).astype(np.float32, copy=False)  # gathers sharded arrays; no copy if f32
 
 
-def _hf_to_interleaved(kernel: np.ndarray) -> np.ndarray:
-    """Reorders the last (head_dim) axis so pairs ``(i, i + hd/2)`` become adjacent ``(2i, 2i+1)``."""
-    hd = kernel.shape[-1]
-    perm = np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], -1).reshape(-1)
-    return kernel[..., perm]
-
-
 def _gguf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     """llama.cpp tensor names -> float32 arrays in GGUF's NumPy order (``[out, in]`` for linear weights)."""
     from flax import nnx
@@ -57,29 +53,36 @@ def _gguf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
         params = nnx.to_pure_dict(params)
     d, h, k, hd, ff, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
 
-    def get(tree: Any, path: tuple, shape: tuple[int, ...]) -> np.ndarray:
+    def get(tree: Any, path: tuple, shape: tuple[int, ...], at: str = "") -> np.ndarray:
+        at = at or "/".join(map(str, path))
         node = tree
         for key in path:
-            if isinstance(node, dict) and key not in node and str(key) in node:
-                key = str(key)  # layer indices may be int or str keys
             if not isinstance(node, dict) or key not in node:
-                raise GGUFError(f"parameter {'/'.join(map(str, path))} is missing")
+                raise GGUFError(f"parameter {at} is missing")
             node = node[key]
         array = _to_numpy(node)
         if array.shape != shape:
-            raise GGUFError(f"parameter {'/'.join(map(str, path))} has shape {array.shape}, expected {shape}")
+            raise GGUFError(f"parameter {at} has shape {array.shape}, expected {shape}")
         return array
 
+    layers = params.get("layers", {}) if isinstance(params, dict) else {}
+
+    @functools.lru_cache(maxsize=1)  # a block's tensors are read in a row: slice each block out once
+    def block(i: int) -> Any:
+        try:  # a stacked jax leaf is sliced on device: only block i's slice crosses to the host
+            return layer_params(layers, i, cfg.scan_layers)
+        except (KeyError, IndexError) as e:
+            raise GGUFError(f"parameter layers/{i} is missing") from e
+
     def layer(i: int, name: str, leaf: str, shape: tuple[int, ...]) -> np.ndarray:
-        if cfg.scan_layers:
-            return get(params, ("layers", name, leaf), (cfg.num_layers, *shape))[i]
-        return get(params, ("layers", i, name, leaf), shape)
+        return get(block(i), (name, leaf), shape, at=f"layers/{i}/{name}/{leaf}")
 
     out = {"token_embd.weight": get(params, ("embed", "embedding"), (v, d))}
     for i in range(cfg.num_layers):
         q, kk = layer(i, "q_proj", "kernel", (d, h, hd)), layer(i, "k_proj", "kernel", (d, k, hd))
-        if not cfg.rope_interleaved:
-            q, kk = _hf_to_interleaved(q), _hf_to_interleaved(kk)
+        if not cfg.rope_interleaved:  # llama.cpp rotates interleaved pairs
+            q = permute_rotary_features(q, hd, to_interleaved=True)
+            kk = permute_rotary_features(kk, hd, to_interleaved=True)
         p = f"blk.{i}."
         out |= {
             p + "attn_norm.weight": layer(i, "attn_norm", "scale", (d,)),
@@ -155,21 +158,23 @@ def _gguf_records(cfg: ModelConfig, quantized: dict) -> dict[str, Any]:
     """llama.cpp tensor names -> ``QuantizedMatrix`` (``[out, in]``, rows in llama.cpp's order) of one layer."""
     from llmopt_jax.compress.quantize import QuantizedMatrix
 
-    pairs = np.stack([np.arange(cfg.head_dim // 2), np.arange(cfg.head_dim // 2) + cfg.head_dim // 2], -1)
     layers = quantized.get("layers", {})
     out = {}
     for i in range(cfg.num_layers):
+        try:
+            block = layer_params(layers, i, cfg.scan_layers)
+        except KeyError:
+            continue  # no records for this block
         for name, gguf_name in GGUF_NAMES.items():
-            block = layers if cfg.scan_layers else layers.get(i, layers.get(str(i), {}))
             qm = block.get(name, {}).get("kernel")
             if qm is None:
                 continue
-            rows = np.arange(np.shape(qm.codes)[-2])
-            if name in ("q_proj", "k_proj") and not cfg.rope_interleaved:  # rows are (head, head_dim) pairs
-                rows = rows.reshape(-1, cfg.head_dim)[:, pairs.reshape(-1)].reshape(-1)
-            pick = (lambda a: np.asarray(a)[i][rows]) if cfg.scan_layers else (lambda a: np.asarray(a)[rows])
-            out[f"blk.{i}.{gguf_name}.weight"] = QuantizedMatrix(pick(qm.codes), pick(qm.scale), pick(qm.offset),
-                                                                 qm.grid)
+            permute = name in ("q_proj", "k_proj") and not cfg.rope_interleaved
+            rows = np.shape(qm.codes)[0]
+            # q/k rows go to llama.cpp's interleaved order per head; a per-tensor [1, groups] scale fits every row.
+            arrays = [permute_rotary_features(np.asarray(a), cfg.head_dim, to_interleaved=True, axis=0)
+                      if permute and np.shape(a)[0] == rows else np.asarray(a) for a in (qm.codes, qm.scale, qm.offset)]
+            out[f"blk.{i}.{gguf_name}.weight"] = QuantizedMatrix(*arrays, qm.grid)
     return out
 
 

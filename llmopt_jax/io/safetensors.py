@@ -8,6 +8,7 @@ features permuted back on export, so the written directory is a correct HF check
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -21,6 +22,8 @@ from flax import nnx
 
 from llmopt_jax.errors import LlmoptError
 from llmopt_jax.models.config import ModelConfig
+from llmopt_jax.models.layout import layer_params, layers_are_stacked, stack_layers
+from llmopt_jax.models.rope import permute_rotary_features
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -57,13 +60,6 @@ def _specs(cfg: ModelConfig) -> list[tuple[str, tuple, tuple, tuple | None]]:
 
 def _hf_shape(in_shape: tuple, out_shape: tuple | None) -> tuple:
     return in_shape if out_shape is None else (int(np.prod(out_shape)), int(np.prod(in_shape)))
-
-
-def _rope_perm(head_dim: int, to_interleaved: bool) -> np.ndarray:
-    # Interleaved feature 2i/2i+1 is rotate-half feature i / i+D/2 (llama.cpp's convert script's permute).
-    half = head_dim // 2
-    to_inter = np.stack([np.arange(half), np.arange(half) + half], -1).reshape(-1)
-    return to_inter if to_interleaved else np.argsort(to_inter)
 
 
 def config_from_hf(config: dict, path: str = "config.json", **overrides: Any) -> ModelConfig:
@@ -146,7 +142,6 @@ def read_hf_checkpoint(path: str, **config_overrides: Any) -> tuple[ModelConfig,
         else:
             raise SafetensorsError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
-        q_k_perm = _rope_perm(cfg.head_dim, to_interleaved=True) if cfg.rope_interleaved else None
         layers: list[dict] = [{} for _ in range(cfg.num_layers)]
         params: dict = {}
         for name, our_path, in_shape, out_shape in _specs(cfg):
@@ -163,13 +158,13 @@ def read_hf_checkpoint(path: str, **config_overrides: Any) -> tuple[ModelConfig,
             array = np.asarray(array, np.float32)
             if out_shape is not None:  # HF Linear weights are [out, in]
                 array = np.ascontiguousarray(array.T).reshape(in_shape + out_shape)
-            if q_k_perm is not None and our_path[-2] in ("q_proj", "k_proj"):
-                array = np.ascontiguousarray(array[..., q_k_perm])
+            if cfg.rope_interleaved and our_path[-2] in ("q_proj", "k_proj"):
+                array = np.ascontiguousarray(permute_rotary_features(array, cfg.head_dim, to_interleaved=True))
             if our_path[0] == "layers":
                 layers[our_path[1]].setdefault(our_path[2], {})[our_path[3]] = array
             else:
                 params.setdefault(our_path[0], {})[our_path[1]] = array
-    params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers) if cfg.scan_layers else dict(enumerate(layers))
+    params["layers"] = stack_layers(layers, cfg.scan_layers)
     return cfg, params
 
 
@@ -215,16 +210,19 @@ def write_hf_checkpoint(path: str, cfg: ModelConfig, params: Any, *, dtype: str 
         raise SafetensorsError(f"{path} exists and is not a directory")
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     np_dtype = EXPORT_DTYPES[dtype]
-    hf_perm = _rope_perm(cfg.head_dim, to_interleaved=False) if cfg.rope_interleaved else None
-    stacked = "q_proj" in pure.get("layers", {})
+    stacked = layers_are_stacked(pure.get("layers", {}))
+
+    @functools.lru_cache(maxsize=1)  # tensors come block by block: each block is sliced out once
+    def block(i: int) -> Any:
+        # Indexing a stacked jax array on device: only this layer's slice crosses to the host.
+        return layer_params(pure["layers"], i, stacked)
 
     def tensor(our_path: tuple, in_shape: tuple, out_shape: tuple | None) -> np.ndarray:
         at = "/".join(map(str, our_path))
         try:
             if our_path[0] == "layers":
                 _, i, name, key = our_path
-                # Indexing a stacked jax array on device: only this layer's slice crosses to the host.
-                leaf = pure["layers"][name][key][i] if stacked else pure["layers"][i][name][key]
+                leaf = block(i)[name][key]
             else:
                 leaf = pure[our_path[0]][our_path[1]]
         except (KeyError, IndexError) as e:
@@ -233,8 +231,8 @@ def write_hf_checkpoint(path: str, cfg: ModelConfig, params: Any, *, dtype: str 
         if array.shape != in_shape + (out_shape or ()):
             raise SafetensorsError(f"{path}: parameter {at} has shape {array.shape}, "
                                    f"config expects {in_shape + (out_shape or ())}")
-        if hf_perm is not None and our_path[-2] in ("q_proj", "k_proj"):
-            array = array[..., hf_perm]
+        if cfg.rope_interleaved and our_path[-2] in ("q_proj", "k_proj"):
+            array = permute_rotary_features(array, cfg.head_dim, to_interleaved=False)
         if out_shape is not None:
             array = array.reshape(int(np.prod(in_shape)), int(np.prod(out_shape))).T
         return np.ascontiguousarray(array.astype(np_dtype))  # safetensors copies raw memory: must be contiguous
