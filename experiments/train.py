@@ -3,16 +3,36 @@
     python -m experiments.train --config=configs/train.py:smoke --workdir=/tmp/smoke
 
 Writes WORKDIR/config.json, metrics.jsonl, loss.png, checkpoints/ and results.json with initial_loss,
-final_loss, steps, tokens_per_s, mfu, num_params. Kill it at any point and rerun the same command to resume.
+final_loss, steps, tokens_per_s, mfu, num_params. Kill it at any point and rerun the same command to resume;
+Ctrl-C or SIGTERM stops after the step in flight. A rerun may change only the settings in RESUMABLE_CHANGES
+(the change is appended to WORKDIR/config_history.jsonl); any other change is refused with the list of keys.
 """
 
 from llmopt_jax import cli
 
+# Settings that do not change what a resumed run computes: its length, logging, checkpoint cadence, MFU's peak,
+# how processes are started, and the AOT-memory experiment's section. Everything else (model, data, optim, seed,
+# init_from, qat, mesh, sharding_rules, ...) must match the stored config.json for a run to resume.
+RESUMABLE_CHANGES = frozenset({
+    "train.steps", "train.log_every", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.async_checkpoint", "train.peak_flops_per_s", "distributed", "aot",
+})
+
 
 def main(config, workdir):
+    process_index = 0
+    if config.get("distributed", False):
+        import jax
+
+        from llmopt_jax.parallel.distributed import maybe_initialize
+
+        # jax.distributed first (nothing has touched a device yet); each host then locks its own file.
+        maybe_initialize(True)
+        process_index = jax.process_index()
+    # Before the heavy imports: a busy or mis-set workdir is reported within seconds.
+    workdir = cli.prepare_workdir(config, workdir, resumable=RESUMABLE_CHANGES, process_index=process_index)
     from llmopt_jax.train.loop import train
 
-    workdir = cli.prepare_workdir(config, workdir)
     results = train(config, workdir)
     print(
         f"steps={results['steps']} initial_loss={results['initial_loss']:.4f} final_loss={results['final_loss']:.4f} "

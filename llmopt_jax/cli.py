@@ -3,7 +3,10 @@
 ``python -m experiments.NAME --config=configs/FILE.py:PRESET --config.a.b=value --workdir=DIR``: the config
 is an ``ml_collections`` file whose ``get_config(preset)`` returns a locked ``ConfigDict``; overrides of
 unknown keys, values of the wrong type, a missing file and any :class:`LlmoptError` end the program with one
-line on stderr and exit status 2. Other exceptions are bugs and keep their traceback.
+line on stderr and exit status 2. Other exceptions are bugs and keep their traceback. Ctrl-C (SIGINT) and SIGTERM
+end it with one line and exit status 130 or 143 (see :mod:`llmopt_jax.interrupt`).
+
+The workdir is locked for the whole run (:mod:`llmopt_jax.workdir`): a second run on it exits at once with status 2.
 
 Compiled XLA programs are kept in a persistent cache (``$LLMOPT_JAX_COMPILATION_CACHE``, default
 ``~/.cache/llmopt_jax/xla``; ``off`` disables it), as MaxText does: a second run of the same experiment skips most
@@ -15,13 +18,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
-from typing import Callable
+from typing import Callable, Collection
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+from llmopt_jax import workdir as workdirs
 from llmopt_jax.errors import LlmoptError
+from llmopt_jax.interrupt import ignore_stop_signals, install_raising_handlers
 from llmopt_jax.jsonio import write_json
 
 EXIT_USER_ERROR = 2
@@ -48,11 +54,31 @@ def _flag_error_message(e: BaseException, argv: list[str]) -> str:
     return text
 
 
-def prepare_workdir(config: ConfigDict, workdir: str) -> str:
-    """Creates ``workdir`` and writes the resolved ``config.json`` into it; returns its absolute path."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+def prepare_workdir(
+    config: ConfigDict, workdir: str, *, resumable: Collection[str] | None = None,
+    checkpoints: str = "checkpoints", process_index: int = 0,
+) -> str:
+    """Creates and locks ``workdir`` and writes the resolved ``config.json`` into it; returns its absolute path.
+
+    ``resumable``: None for an experiment that starts afresh each time (``config.json`` is overwritten).
+    Otherwise the experiment resumes from ``WORKDIR/checkpoints`` and ``resumable`` names the config keys (or
+    sections) that may change between a run and its resumption; when a checkpoint exists, any other changed key
+    refuses the run, and allowed changes are appended to ``WORKDIR/config_history.jsonl``. The order is lock,
+    compare, write, so ``config.json`` only ever holds a config that was accepted. On multi-host runs pass
+    ``process_index``: only process 0 writes.
+    """
+    workdir = workdirs.ensure_workdir(workdir)
+    workdirs.lock_workdir(workdir, process_index)
+    resolved = json.loads(config.to_json_best_effort())
+    changes = None
+    if resumable is not None and workdirs.has_checkpoint(os.path.join(workdir, checkpoints)):
+        stored = workdirs.read_stored_config(workdir)
+        if stored is not None:
+            changes = workdirs.resume_changes(workdir, stored, resolved, resumable)
+    if process_index == 0:
+        write_json(os.path.join(workdir, "config.json"), resolved)
+        if changes is not None:
+            workdirs.record_resume(workdir, changes)
     return workdir
 
 
@@ -99,5 +125,20 @@ def run(main: Callable[[ConfigDict, str], None], default_workdir: str | None = N
             main(config_flag.value, workdir_flag.value)
         except LlmoptError as e:
             fail(str(e))
+        except KeyboardInterrupt as e:
+            exit_interrupted(e)
 
-    app.run(wrapped, flags_parser=parse)
+    install_raising_handlers()
+    try:
+        app.run(wrapped, flags_parser=parse)
+    except KeyboardInterrupt as e:  # during flag parsing, before main
+        exit_interrupted(e)
+
+
+def exit_interrupted(e: KeyboardInterrupt) -> None:
+    """Prints the interruption's one line (no traceback) and exits with 130 (SIGINT) or 143 (SIGTERM)."""
+    ignore_stop_signals()
+    signum = getattr(e, "signum", signal.SIGINT)
+    message = " ".join(str(e).split()) or f"interrupted by {signal.Signals(signum).name}"
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(128 + signum)

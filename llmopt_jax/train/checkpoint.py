@@ -16,6 +16,13 @@ import orbax.checkpoint as ocp
 from llmopt_jax.errors import CheckpointError
 
 
+def complete_steps(directory: str) -> list[int]:
+    """The steps of ``directory``'s finalized checkpoints, ascending; saves in flight or abandoned are excluded."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(ocp.step.checkpoint_steps(directory))
+
+
 class Checkpointer:
     """Saves ``{"state": train state, "data": data-iterator position}`` under ``directory``."""
 
@@ -62,5 +69,6 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for any asynchronous save to be committed, then releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()

@@ -18,12 +18,13 @@ from tqdm import tqdm
 
 from llmopt_jax.data.text import ByteTokenizer, WindowBatches, load_texts
 from llmopt_jax.errors import ConfigError
+from llmopt_jax.interrupt import Interrupted, StopFlag
 from llmopt_jax.jsonio import write_json
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.parallel.distributed import global_array, maybe_initialize
 from llmopt_jax.parallel.mesh import create_mesh, describe
 from llmopt_jax.parallel.rules import check_batch_fits_mesh, normalize_rules
-from llmopt_jax.train.checkpoint import Checkpointer
+from llmopt_jax.train.checkpoint import Checkpointer, complete_steps
 from llmopt_jax.train.metrics import MetricsLog, measure_peak_flops, model_flops_utilization, total_peak_flops
 from llmopt_jax.train.optim import learning_rate_schedule, make_optimizer
 from llmopt_jax.train.step import batch_sharding, init_train_state, jit_train_step
@@ -92,11 +93,20 @@ def qat_dot_general(config: ConfigDict):
     return FakeQuantDotGeneral(QuantGrid(int(qat.bits), int(qat.group_size), bool(qat.symmetric)))
 
 
+def interrupted(signum: int, step: int, checkpoints: str) -> Interrupted:
+    """The stop of a training run after ``step``, with the step a rerun resumes from (newest complete checkpoint)."""
+    steps = complete_steps(checkpoints)
+    resume = steps[-1] if steps else 0
+    return Interrupted(signum, f"interrupted at step {step}; rerun the same command to resume from step {resume}")
+
+
 def train(config: ConfigDict, workdir: str) -> dict:
     """Trains per ``config``, checkpointing into ``workdir``; returns (and writes) ``results.json``'s dict.
 
     With ``init_from`` the trained model is also written to ``WORKDIR/model`` (safetensors + tokenizer).
     """
+    # Multi-host: before anything touches a device, including the pretrained model that init_from loads.
+    maybe_initialize(bool(config.get("distributed", False)))
     dot_general = qat_dot_general(config)
     model_cfg, tokenizer, initial_params, pretrained = start_point(config)
     if model_cfg.vocab_size < tokenizer.vocab_size:
@@ -108,7 +118,6 @@ def train(config: ConfigDict, workdir: str) -> dict:
         raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     tokens = np.asarray(tokenizer.encode(load_texts(config.data.text_files)), np.int32)
 
-    maybe_initialize(bool(config.get("distributed", False)))
     mesh = create_mesh(config.mesh)
     rules = normalize_rules(config.sharding_rules)
     check_batch_fits_mesh(micro, mesh, rules)
@@ -128,6 +137,11 @@ def train(config: ConfigDict, workdir: str) -> dict:
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     is_main = jax.process_index() == 0  # one writer per workdir on multi-host runs
     start = checkpointer.latest_step() or 0
+    if start > int(config.train.steps):
+        raise ConfigError(
+            f"train.steps={int(config.train.steps)} is below step {start} of the newest checkpoint in "
+            f"{checkpointer.directory}; a run can be extended, not shortened"
+        )
     if start:
         state, position = checkpointer.restore(start, state)
         data.restore(position)
@@ -145,27 +159,44 @@ def train(config: ConfigDict, workdir: str) -> dict:
         range(start + 1, total + 1), initial=start, total=total, desc="train",
         disable=not (config.train.progress and is_main),
     )
-    first_in_process = True
-    for step in bar:
-        batch = data.next().reshape(accum, micro, seq_len + 1)
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, global_array(batch, in_sharding))
-        loss = float(metrics["loss"])  # also waits for the step: the timing below is real
-        seconds = time.perf_counter() - t0
-        tokens_per_s = tokens_per_step / seconds
-        record = {
-            "step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
-            "learning_rate": float(schedule(step - 1)), "seconds": seconds, "tokens_per_s": tokens_per_s,
-            "mfu": model_flops_utilization(tokens_per_s, flops_per_token, peak), "includes_compile": first_in_process,
-        }
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step}")
-        first_in_process = False
-        if is_main and (step % int(config.train.log_every) == 0 or step == total):
-            log.write(record)
-        checkpointer.maybe_save(step, state, data.position(), force=(step == total))
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")
-    checkpointer.close()
+    done = start  # the last step whose update, log line and checkpoint request are complete
+    try:
+        # A first SIGINT/SIGTERM is only noted, and checked between steps, so no step is torn; a second one
+        # raises Interrupted at once and abandons the step in flight.
+        with StopFlag() as stop:
+            first_in_process = True
+            for step in bar:
+                if stop.requested:
+                    break
+                batch = data.next().reshape(accum, micro, seq_len + 1)
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, global_array(batch, in_sharding))
+                loss = float(metrics["loss"])  # also waits for the step: the timing below is real
+                seconds = time.perf_counter() - t0
+                tokens_per_s = tokens_per_step / seconds
+                record = {
+                    "step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                    "learning_rate": float(schedule(step - 1)), "seconds": seconds, "tokens_per_s": tokens_per_s,
+                    "mfu": model_flops_utilization(tokens_per_s, flops_per_token, peak),
+                    "includes_compile": first_in_process,
+                }
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step}")
+                first_in_process = False
+                if is_main and (step % int(config.train.log_every) == 0 or step == total):
+                    log.write(record)
+                checkpointer.maybe_save(step, state, data.position(), force=(step == total))
+                done = step
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+            bar.close()
+            checkpointer.close()  # an asynchronous save in flight is committed before we stop
+    except Interrupted as e:
+        # Second signal: the step in flight and any uncommitted save are abandoned (orbax renames a checkpoint
+        # into place only once complete, so the newest finalized one on disk is intact).
+        bar.close()
+        raise interrupted(e.signum, done, checkpointer.directory) from None
+    if stop.requested:
+        raise interrupted(stop.signum, done, checkpointer.directory)
 
     records = log.read()
     timed = [r for r in records if not r["includes_compile"]] or records
