@@ -2,6 +2,9 @@
 
 Resumes automatically: if ``WORKDIR/checkpoints`` holds a checkpoint, the state and the data position are
 restored from the newest one and training continues; the result is bit-identical to an uninterrupted run.
+SIGINT/SIGTERM stop the loop between two steps (a second signal abandons the step in flight): the run waits for
+an asynchronous save in flight, raises :class:`~llmopt_jax.interrupt.Interrupted` with the step a rerun resumes
+from, and the CLI exits 130/143.
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
     if start > int(config.train.steps):
         raise ConfigError(
             f"train.steps={int(config.train.steps)} is below step {start} of the newest checkpoint in "
-            f"{checkpointer.directory}; a run can be extended, not shortened"
+            f"{checkpointer.directory}; set train.steps >= {start} or use another workdir"
         )
     if start:
         state, position = checkpointer.restore(start, state)
