@@ -64,7 +64,7 @@ def prepare_workdir(
     Otherwise the experiment resumes from ``WORKDIR/checkpoints`` and ``resumable`` names the config keys (or
     sections) that may change between a run and its resumption; when a checkpoint exists, any other changed key
     refuses the run, and allowed changes are appended to ``WORKDIR/config_history.jsonl``. The order is lock,
-    compare, write, so ``config.json`` only ever holds a config that was accepted. On multi-host runs pass
+    compare, write (atomically), so a refused config never replaces the stored one. On multi-host runs pass
     ``process_index``: only process 0 writes.
     """
     workdir = workdirs.ensure_workdir(workdir)
