@@ -67,11 +67,13 @@ def settings(config) -> dict:
             "eval": {k: v for k, v in config.eval.to_dict().items() if k != "batch_size"}}
 
 
-def recipe_step(config, row: dict) -> dict:
-    step = {"name": row["method"], "sparsity": config.sparsity, "pattern": config.pattern}
-    if row["method"] == "sparsegpt":
-        step.update(blocksize=config.sparsegpt.blocksize, damp_fraction=row["damp_fraction"])
-    return step
+def row_recipe(config, row: dict) -> list[dict]:
+    """The recipe of ``row`` (its method at the study's sparsity; SparseGPT with the row's dampening)."""
+    from llmopt_jax.compress.api import method_recipe
+
+    damp = config.sparsegpt.damp_fraction if row["damp_fraction"] is None else row["damp_fraction"]
+    return method_recipe(row["method"], sparsity=config.sparsity, pattern=config.pattern,
+                         blocksize=config.sparsegpt.blocksize, damp_fraction=damp)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -124,8 +126,7 @@ def main(config, workdir):
 
     import numpy as np
 
-    from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.compress.study import ResumableRows, eval_texts, print_row, prune_and_evaluate
+    from llmopt_jax.compress.study import ResumableRows, compress_and_evaluate, eval_texts, print_row
     from llmopt_jax.data.text import calibration_source_text, mixed_calibration_windows, parse_calibration_sources
     from llmopt_jax.io.load import load_pretrained
     from llmopt_jax.jsonio import write_json
@@ -133,7 +134,7 @@ def main(config, workdir):
     workdir = cli.prepare_workdir(config, workdir)
     todo = study_rows(config)
     for row in todo:  # every problem in the config fails here, before the model loads
-        from_recipe([recipe_step(config, row)])
+        row_recipe(config, row)
         parse_calibration_sources(row["sources"])
     finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings(config))
     if not config.report_only:
@@ -152,9 +153,9 @@ def main(config, workdir):
                 continue
             calib = mixed_calibration_windows([sources[n] for n in row["sources"].split(",")], row["num_samples"],
                                               row["seq_len"], config.calib.seed)
-            row = finished.add({**row, **prune_and_evaluate(model, calib, recipe_step(config, row), texts,
-                                                            config.eval.seq_len, config.eval.batch_size,
-                                                            config.calib.batch_size, config.progress)})
+            row = finished.add({**row, **compress_and_evaluate(model, row_recipe(config, row), calib, texts,
+                                                               config.eval.seq_len, config.eval.batch_size,
+                                                               config.calib.batch_size, config.progress)})
             print_row(f"{row['variant']:28s} {row['method']:9s} damp={row['damp_fraction']}", row)
 
     rows = [finished.get(r) for r in todo if finished.get(r) is not None]

@@ -15,7 +15,7 @@ def main(config, workdir):
     import sys
 
     from llmopt_jax.errors import ConfigError
-    from llmopt_jax.infer.generate import Generator, SamplingConfig
+    from llmopt_jax.infer.generate import Generator, SamplingConfig, chat_prompt
     from llmopt_jax.io.load import load_pretrained
     from llmopt_jax.jsonio import write_json
 
@@ -30,17 +30,12 @@ def main(config, workdir):
     )
     tok = model.require_tokenizer()
     if config.chat:
-        messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
-            {"role": "user", "content": config.prompt}
-        ]
-        prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        stop_ids = tok.stop_ids
+        prompt, stop_ids = chat_prompt(tok, config.prompt, config.system)
     else:
-        prompt_text = config.prompt
+        prompt = tok.encode(config.prompt)
+        prompt = [tok.bos_id] + prompt if tok.add_bos else prompt
         stop_ids = () if tok.eos_id is None else (tok.eos_id,)
-    prompt = tok.encode(prompt_text)
-    if tok.add_bos:
-        prompt = [tok.bos_id] + prompt
+    prompt_text = tok.decode(prompt)
 
     streamed: list[int] = []
 
@@ -51,7 +46,7 @@ def main(config, workdir):
             sys.stdout.write(tok.decode(streamed)[len(previous):])
             sys.stdout.flush()
 
-    generator = Generator(model.graphdef, model.params)
+    generator = Generator(model)
     out = generator.generate(
         [prompt] * config.num_samples, config.max_new_tokens, sampling, seed=config.seed, stop_ids=stop_ids,
         on_token=stream,

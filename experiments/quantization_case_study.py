@@ -36,7 +36,7 @@ def grid(config) -> list[dict]:
 
     extras = {"sparsegpt_gptq": row("sparsegpt_gptq", 4, -1), "smoothquant": row("smoothquant", 8, -1),
               "w8a8": row("w8a8", 8, -1),
-              "qat": row("qat", config.qat_bits, -1),
+              "qat": {**row("qat", config.qat_bits, -1), "model": config.qat_model},
               "gptq_int8_embedding": {**row("gptq", 4, 64, act_order=True), "embedding_bits": 8}}
     for name in [e for e in config.extras.split(",") if e]:
         if name not in extras:
@@ -69,17 +69,19 @@ def label(r: dict) -> str:
     return f"{name} {r['bits']}-bit {layout}{' act-order' if r['act_order'] else ''}{extra}{emb}"
 
 
-def recipe_step(config, r: dict) -> dict | None:
-    """The compression step of a quantizing row (None for the float rows; SmoothQuant and QAT are special)."""
-    solver = {"blocksize": config.sparsegpt.blocksize, "damp_fraction": config.sparsegpt.damp_fraction}
-    if r["method"] == "rtn":
-        return {"name": "rtn", "bits": r["bits"], "group_size": r["group_size"]}
-    if r["method"] == "gptq":
-        return {"name": "gptq", "bits": r["bits"], "group_size": r["group_size"], "act_order": r["act_order"],
-                **solver}
-    if r["method"] == "sparsegpt_gptq":
-        return {"name": "sparsegpt", "sparsity": 0.5, "bits": r["bits"], "group_size": r["group_size"], **solver}
-    return None
+# Rows whose label is not a method of ``method_recipe``: the float32 model is ``dense``; the QAT row is RTN of the
+# QAT-trained model at the bits it was trained for.
+RECIPE_METHOD = {"float32": "dense", "qat": "rtn"}
+
+
+def row_recipe(config, r: dict) -> list[dict]:
+    """The compression recipe of row ``r``."""
+    from llmopt_jax.compress.api import method_recipe
+
+    return method_recipe(RECIPE_METHOD.get(r["method"], r["method"]), bits=r["bits"], group_size=r["group_size"],
+                         act_order=r["act_order"], blocksize=config.sparsegpt.blocksize,
+                         damp_fraction=config.sparsegpt.damp_fraction, embedding_bits=r.get("embedding_bits", 0),
+                         smoothquant_alpha=config.smoothquant_alpha)
 
 
 def storage_format(r: dict) -> str:
@@ -92,13 +94,13 @@ def storage_format(r: dict) -> str:
     return f"int{r['bits']}/{r['group_size']}/asym{emb}"
 
 
-def decode_tokens_per_s(graphdef, params, prompt: list[int], new_tokens: int, repeats: int) -> float:
-    """Median greedy decode tokens/s at batch 1 (after a compiling run)."""
+def decode_tokens_per_s(model, prompt: list[int], new_tokens: int, repeats: int) -> float:
+    """Median greedy decode tokens/s of ``model`` at batch 1 (after a compiling run)."""
     import statistics
 
     from llmopt_jax.infer.generate import Generator
 
-    gen = Generator(graphdef, params)
+    gen = Generator(model)
     gen.generate([prompt], new_tokens)
     return statistics.median(gen.generate([prompt], new_tokens).decode_tokens_per_s for _ in range(repeats))
 
@@ -156,61 +158,37 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def evaluate_row(config, model, calib, texts, r: dict) -> tuple[dict, object, object]:
-    """Compresses per row ``r`` and evaluates; returns ``(numbers, graphdef, params)`` of the evaluated model."""
-    import dataclasses
+def evaluate_row(config, model, calib, texts, r: dict):
+    """Compresses per row ``r`` and evaluates; returns ``(numbers, compressed model)``."""
+    import llmopt_jax as lj
+    from llmopt_jax.compress.study import evaluate_model
 
-    from flax import nnx
-
-    from llmopt_jax.compress.study import compress_model, evaluate_model
-    from llmopt_jax.parallel.sharded_init import load_params
-
-    if r["method"] == "bfloat16":
-        cfg = dataclasses.replace(model.cfg, param_dtype="bfloat16")
-        graphdef, params = load_params(cfg, nnx.to_pure_dict(model.params))
-        pure, report = nnx.to_pure_dict(params), {}
-    elif r["method"] in ("smoothquant", "w8a8"):
-        from llmopt_jax.compress.smoothquant import smoothquant_w8a8
-
-        graphdef, params, pure, report = smoothquant_w8a8(model, calib, config.smoothquant_alpha,
-                                                          config.calib.batch_size, config.progress,
-                                                          smooth=r["method"] == "smoothquant")
-    elif r["method"] == "qat":
-        from llmopt_jax.io.load import load_pretrained
-
-        step = {"name": "rtn", "bits": r["bits"], "group_size": r["group_size"]}
-        graphdef, params, pure, report = compress_model(load_pretrained(config.qat_model), None, step)
-    else:
-        graphdef, params, pure, report = compress_model(model, calib, recipe_step(config, r),
-                                                        config.calib.batch_size, config.progress,
-                                                        embedding_bits=r.get("embedding_bits", 0),
-                                                        compute_dtype=config.calib.compute_dtype)
-    numbers = evaluate_model(graphdef, params, pure, report, texts, config.eval.seq_len, config.eval.batch_size)
-    return numbers, graphdef, params
+    source = lj.load_pretrained(r["model"]) if r.get("model") else model
+    compressed = lj.compress(source, row_recipe(config, r), calib, batch_size=config.calib.batch_size,
+                             progress=config.progress, compute_dtype=config.calib.compute_dtype)
+    return evaluate_model(compressed, texts, config.eval.seq_len, config.eval.batch_size), compressed
 
 
 def main(config, workdir):
     import os
 
-    from llmopt_jax.compress.recipe import from_recipe
     from llmopt_jax.compress.study import ResumableRows, case_study_settings, open_case_study, print_row
     from llmopt_jax.jsonio import write_json
 
     workdir = cli.prepare_workdir(config, workdir)
     todo = grid(config)
-    for r in todo:  # validate every step before anything slow happens
-        step = recipe_step(config, r)
-        if step is not None:
-            from_recipe([step])
+    for r in todo:  # validate every recipe before anything slow happens
+        row_recipe(config, r)
     # The grid and the calibration passes' precision decide the numbers too: rows made before the integer
     # zero-point grid (the quantization-grid issue) carry neither key and are refused, not mixed in.
     settings = case_study_settings(config, smoothquant_alpha=config.smoothquant_alpha, qat_model=config.qat_model,
                                    zero_point="int", compute_dtype=config.calib.compute_dtype)
     done = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
-    qat_todo = any(r["method"] == "qat" and done.get(r) is None for r in todo)
-    if qat_todo and not config.report_only and not os.path.isdir(config.qat_model):
-        raise ConfigError(f"qat_model={config.qat_model!r} is not a directory: run the QAT preset first "
-                        "(python -m experiments.train --config=configs/train.py:qat) or drop 'qat' from extras")
+    missing_models = sorted({r["model"] for r in todo if r.get("model") and done.get(r) is None
+                             and not os.path.isdir(r["model"])})
+    if missing_models and not config.report_only:
+        raise ConfigError(f"qat_model={missing_models[0]!r} is not a directory: run the QAT preset first "
+                          "(python -m experiments.train --config=configs/train.py:qat) or drop 'qat' from extras")
     if config.report_only:
         finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
         missing = [label(r) for r in todo if finished.get(r) is None]
@@ -226,12 +204,12 @@ def main(config, workdir):
     for r in todo:
         if finished.get(r) is not None:
             continue
-        numbers, graphdef, params = evaluate_row(config, model, calib, texts, r)
+        numbers, compressed = evaluate_row(config, model, calib, texts, r)
         fmt = storage_format(r)
         if config.decode_tokens > 0 and fmt not in decode_by_format:
-            decode_by_format[fmt] = decode_tokens_per_s(graphdef, params, prompt, config.decode_tokens,
+            decode_by_format[fmt] = decode_tokens_per_s(compressed, prompt, config.decode_tokens,
                                                         config.decode_repeats)
-        del graphdef, params
+        del compressed
         done = finished.add({**r, **numbers, "storage_format": fmt,
                              "decode_tokens_per_s": decode_by_format.get(fmt, 0.0)})
         print_row(f"{label(done):42s} {done['bits_per_weight']:5.2f} b/w", done)

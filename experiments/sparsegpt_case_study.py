@@ -69,24 +69,21 @@ def plot(rows: list[dict], path: str) -> None:
 def main(config, workdir):
     import os
 
-    from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.compress.study import case_study_settings, open_case_study, print_row, prune_and_evaluate
+    from llmopt_jax.compress.study import case_study_settings, compress_and_evaluate, open_case_study, print_row
     from llmopt_jax.jsonio import write_json
 
     workdir = cli.prepare_workdir(config, workdir)
     todo = grid(config)
-    for row in todo:  # validate every step before anything slow happens
-        if row["method"] != "dense":
-            from_recipe([recipe_step(config, row)])
+    for row in todo:  # validate every recipe before anything slow happens
+        row_recipe(config, row)
     finished, model, texts, calib = open_case_study(config, workdir, row_key, case_study_settings(config))
 
     for row in todo:
         if finished.get(row) is not None:
             continue
-        step = None if row["method"] == "dense" else recipe_step(config, row)
-        row = finished.add({**row, **prune_and_evaluate(model, calib, step, texts, config.eval.seq_len,
-                                                        config.eval.batch_size, config.calib.batch_size,
-                                                        config.progress)})
+        row = finished.add({**row, **compress_and_evaluate(model, row_recipe(config, row), calib, texts,
+                                                           config.eval.seq_len, config.eval.batch_size,
+                                                           config.calib.batch_size, config.progress)})
         print_row(f"{row['method']:9s} {row['pattern']:12s} {row['sparsity_target']:.0%}", row)
 
     rows = [finished.get(r) for r in todo]
@@ -102,15 +99,14 @@ def main(config, workdir):
     print(table)
 
 
-def recipe_step(config, row: dict) -> dict:
-    step = {"name": row["method"]}
-    if row["pattern"] == "unstructured":
-        step["sparsity"] = row["sparsity_target"]
-    else:
-        step["pattern"] = row["pattern"]
-    if row["method"] == "sparsegpt":
-        step.update(blocksize=config.sparsegpt.blocksize, damp_fraction=config.sparsegpt.damp_fraction)
-    return step
+def row_recipe(config, row: dict) -> list[dict]:
+    """The recipe of ``row``: its method at its unstructured sparsity or N:M pattern (``dense``: none)."""
+    from llmopt_jax.compress.api import method_recipe
+
+    structured = row["pattern"] != "unstructured"
+    return method_recipe(row["method"], sparsity=row["sparsity_target"],
+                         pattern=row["pattern"] if structured else "", blocksize=config.sparsegpt.blocksize,
+                         damp_fraction=config.sparsegpt.damp_fraction)
 
 
 if __name__ == "__main__":

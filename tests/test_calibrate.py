@@ -72,9 +72,9 @@ def test_block_statistics_come_from_the_compressed_previous_block(setup, compute
 def test_pure_masks_sparsity_and_determinism(setup):
     _, pure, windows = setup
     before = copy_tree(pure)
-    a, report = compress_sequentially(CFG, pure, windows, from_recipe([{"name": "sparsegpt", "sparsity": 0.5}]),
+    a, report = compress_sequentially(CFG, pure, windows, from_recipe([{"method": "sparsegpt", "sparsity": 0.5}]),
                                       progress=False)
-    b, _ = compress_sequentially(CFG, pure, windows, from_recipe([{"name": "sparsegpt", "sparsity": 0.5}]),
+    b, _ = compress_sequentially(CFG, pure, windows, from_recipe([{"method": "sparsegpt", "sparsity": 0.5}]),
                                  progress=False)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), pure, before)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
@@ -121,11 +121,11 @@ def test_chain_keeps_earlier_zeros(setup):
 def test_errors(setup):
     _, pure, windows = setup
     with pytest.raises(ConfigError, match="unknown compression step 'prune'"):
-        from_recipe([{"name": "prune"}])
+        from_recipe([{"method": "prune"}])
     with pytest.raises(ConfigError, match="compression step 'wanda'"):
-        from_recipe([{"name": "wanda", "bits": 4}])
+        from_recipe([{"method": "wanda", "bits": 4}])
     with pytest.raises(ConfigError, match="sparsity must be in"):
-        from_recipe([{"name": "sparsegpt", "sparsity": 1.5}])
+        from_recipe([{"method": "sparsegpt", "sparsity": 1.5}])
     with pytest.raises(ConfigError, match="non-empty"):
         compress_sequentially(CFG, pure, np.zeros((0, 16), int), magnitude(0.5), progress=False)
     with pytest.raises(ConfigError, match="batch_size must be positive"):

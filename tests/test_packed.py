@@ -75,7 +75,7 @@ def quantized(request):
     cfg = ModelConfig(**{**CFG.__dict__, "scan_layers": request.param})
     graphdef, params = init_model(cfg, seed=3)
     windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16))
-    step = {"name": "gptq", "bits": 4, "group_size": 16, "act_order": True}
+    step = {"method": "gptq", "bits": 4, "group_size": 16, "act_order": True}
     new, report = compress_sequentially(cfg, params, windows, from_recipe([step]), batch_size=2, progress=False)
     return cfg, graphdef, params, new, report, windows
 
@@ -127,7 +127,7 @@ def test_sharded_packed_model_replicates_what_cannot_be_split(quantized, case):
         scales = {"q_proj": (None, "tensor"), "o_proj": ("tensor", "fsdp")}
     else:  # one scale per output channel, no offsets; the packed embedding ([d, vocab] of [vocab, d]) replicated
         mesh_shape = dict(data=2, fsdp=2, tensor=2)
-        pure, rep = compress_sequentially(cfg, params, windows, from_recipe([{"name": "rtn", "bits": 4,
+        pure, rep = compress_sequentially(cfg, params, windows, from_recipe([{"method": "rtn", "bits": 4,
                                                                              "symmetric": True}]), progress=False)
         packed = pack_embedding(pack_params(pure, rep["quantized"], KERNEL_INPUT_DIMS), QuantGrid(8, 32, symmetric=True))
         expect = {"q_proj": ("fsdp", "tensor"), "o_proj": ("tensor", "fsdp")}

@@ -136,16 +136,22 @@ def pack_matrix(qm: QuantizedMatrix, kernel_shape: tuple[int, ...], n_in: int = 
     return PackedTensor(data, s, o, z, grid.bits, grid.levels[0], tuple(kernel_shape), n_in)
 
 
-def pack_embedding(pure: dict, grid) -> dict:
-    """``pure`` with the token embedding (also the tied LM head) rounded to ``grid`` by RTN and packed as a
-    ``[d, vocab]`` kernel (groups run along d, the LM head's contraction axis)."""
+def embedding_record(table: Any, grid) -> QuantizedMatrix:
+    """RTN of the token embedding ``table`` ``[vocab, d]`` (also the tied LM head's ``[outputs, inputs]``) on
+    ``grid``: the :class:`QuantizedMatrix` whose groups run along d, the LM head's contraction axis."""
     from llmopt_jax.compress.quantize import rtn_quantize
 
-    table = pure["embed"]["embedding"]
     if isinstance(table, PackedTensor):
         raise ConfigError("this tensor is already packed")
-    _, qm = rtn_quantize(jnp.asarray(table, jnp.float32), grid)  # [vocab, d] = the LM head's [outputs, inputs]
-    return {**pure, "embed": {"embedding": pack_matrix(qm, (table.shape[1], table.shape[0]))}}
+    return rtn_quantize(jnp.asarray(table, jnp.float32), grid)[1]
+
+
+def pack_embedding(pure: dict, grid) -> dict:
+    """``pure`` with the token embedding rounded to ``grid`` by RTN (:func:`embedding_record`) and packed as a
+    ``[d, vocab]`` kernel."""
+    table = pure["embed"]["embedding"]
+    record = embedding_record(table, grid)
+    return {**pure, "embed": {"embedding": pack_matrix(record, (table.shape[1], table.shape[0]))}}
 
 
 def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

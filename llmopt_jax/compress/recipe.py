@@ -1,8 +1,8 @@
-"""Recipes: matrix transforms built from config data and chained like ``optax.chain``.
+"""Per-matrix transforms built from config data and chained like ``optax.chain``.
 
-A recipe is a list of steps, each a mapping with a ``name`` and that transform's options, e.g.
-``[{"name": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}]`` or ``[{"name": "gptq", "bits": 4,
-"group_size": 128, "act_order": True}]``. :func:`chain` applies steps in order with the same calibration
+The matrix steps of a recipe (``compress/api.py`` owns the whole recipe) are mappings with a ``method`` and that
+transform's options, e.g. ``[{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}]`` or
+``[{"method": "gptq", "bits": 4, "group_size": 128, "act_order": True}]``. :func:`chain` applies steps in order with the same calibration
 statistics and keeps every zero an earlier step made (a later quantizer cannot revive a pruned weight), so
 masks stay valid for sparse fine-tuning. Quantizing steps report their integer codes and scales under
 ``info["quantized"]`` (a :class:`QuantizedMatrix`, what ``compress/packed.py`` stores); a quantizing step must
@@ -146,13 +146,13 @@ def chain(*transforms: MatrixTransform) -> MatrixTransform:
 
 
 def from_recipe(steps: Sequence[Mapping[str, Any]]) -> MatrixTransform:
-    """The chained transform described by ``steps`` (see module docstring); unknown names or options raise."""
+    """The chained transform described by ``steps`` (see module docstring); unknown methods or options raise."""
     built = []
     for step in steps:
         options = dict(step)
-        name = options.pop("name", None)
+        name = options.pop("method", None)
         if name not in TRANSFORMS:
-            raise ConfigError(f"unknown compression step {name!r}; known: {sorted(TRANSFORMS)}")
+            raise ConfigError(f"unknown compression method {name!r}; known: {sorted(TRANSFORMS)}")
         try:
             built.append(TRANSFORMS[name](**options))
         except TypeError as e:

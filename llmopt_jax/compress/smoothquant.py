@@ -93,8 +93,9 @@ def smoothquant_w8a8(model, calib: np.ndarray, alpha: float = 0.5, batch_size: i
     """Smooths (unless ``smooth=False``) and quantizes every block linear layer of ``model`` (a
     ``PretrainedModel``) to int8 per channel; the returned model multiplies with :func:`w8a8_dot_general`.
 
-    Returns ``(graphdef, params, float pure params (smoothed, weights dequantized), report)`` like
-    ``study.compress_model``; ``report["smoothing"]`` holds the factors per block and input group.
+    Returns ``(graphdef, params, float pure params (smoothed, weights dequantized), report)``, which
+    ``compress.api.compress`` wraps in a ``CompressedModel``; ``report["smoothing"]`` holds the factors per block
+    and input group.
     """
     from flax import nnx
 

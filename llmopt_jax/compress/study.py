@@ -1,4 +1,4 @@
-"""Shared machinery of the compression studies: prune one configuration, evaluate it on several texts, and keep
+"""Shared machinery of the compression studies: compress with one recipe, evaluate on several texts, and keep
 finished rows in a JSON-lines file so that a killed study resumes where it stopped."""
 
 from __future__ import annotations
@@ -100,73 +100,34 @@ def eval_texts(tokenizer, close_file: str, far_file: str, close_max_windows: int
             "far": (np.asarray(tokenizer.encode(far)), far_max_windows)}
 
 
-def compress_model(model, calib: np.ndarray | None, step: dict | None, calib_batch_size: int = 0,
-                   progress: bool = False, embedding_bits: int = 0, compute_dtype: str = "bfloat16"
-                   ) -> tuple[Any, Any, dict, dict]:
-    """Compresses ``model`` with one recipe ``step`` (``None`` = unchanged) calibrated on ``calib`` ``[n, len]``;
-    ``embedding_bits`` > 0 also rounds the token embedding (the tied LM head) to a symmetric grid with groups
-    of 32 (llama.cpp's Q8_0/Q4_0 layout) and packs it. ``compute_dtype``: the calibration passes' matmul operands
-    (``compress_sequentially``).
+def evaluate_model(model, texts: dict[str, tuple[np.ndarray, int]], eval_seq_len: int,
+                   eval_batch_size: int) -> dict[str, Any]:
+    """Measures ``model`` (a ``CompressedModel``) on every ``texts[name] = (tokens, max_windows)``.
 
-    Returns ``(graphdef, params, float pure params, report)``: quantized tensors stay packed in ``params``
-    (``compress/packed.py``); the pure params hold their dequantized values; ``report`` is
-    ``compress_sequentially``'s (empty for ``None``).
+    Returns the model's ``summary()`` (``sparsity``, ``bits_per_weight``, ``model_bytes``, ``seconds_compress``,
+    ...) and ``perplexity_NAME`` / ``num_eval_tokens_NAME``.
     """
-    from flax import nnx
-
-    from llmopt_jax.compress.calibrate import KERNEL_INPUT_DIMS, compress_sequentially
-    from llmopt_jax.compress.packed import pack_embedding, pack_params, packed_model
-    from llmopt_jax.compress.quantize import QuantGrid
-    from llmopt_jax.compress.recipe import from_recipe
-    from llmopt_jax.parallel.sharded_init import load_params
-
-    pure, report = nnx.to_pure_dict(model.params), {}
-    if step is not None:
-        pure, report = compress_sequentially(model.cfg, model.params, calib, from_recipe([step]),
-                                             batch_size=calib_batch_size, progress=progress,
-                                             compute_dtype=compute_dtype)
-    if not report.get("quantized") and not embedding_bits:
-        return (model.graphdef, model.params, pure, report) if step is None else \
-            (*load_params(model.cfg, pure), pure, report)
-    packed = pack_params(pure, report.get("quantized"), KERNEL_INPUT_DIMS)
-    if embedding_bits:
-        packed = pack_embedding(packed, QuantGrid(embedding_bits, 32, symmetric=True))
-        pure = {**pure, "embed": {"embedding": np.asarray(packed["embed"]["embedding"].dequantize().T)}}
-    return (*packed_model(model.cfg, packed), pure, report)
-
-
-def evaluate_model(graphdef, params, pure: dict, report: dict, texts: dict[str, tuple[np.ndarray, int]],
-                   eval_seq_len: int, eval_batch_size: int) -> dict[str, Any]:
-    """Measures the model ``(graphdef, params)`` (``pure``: its weights as floats, ``report``: how it was
-    compressed, may be empty) on every ``texts[name] = (tokens, max_windows)``.
-
-    Returns ``sparsity`` (measured), ``seconds_compress``, ``bits_per_weight`` (of the block linear layers),
-    ``model_bytes`` (every array the evaluated model holds) and ``perplexity_NAME`` / ``num_eval_tokens_NAME``.
-    """
-    from flax import nnx
-
-    from llmopt_jax.compress.calibrate import measured_sparsity
-    from llmopt_jax.compress.packed import block_bits_per_weight
     from llmopt_jax.eval.perplexity import evaluate_perplexity
-    from llmopt_jax.infer.roofline import tree_bytes
 
-    row: dict[str, Any] = {"sparsity": measured_sparsity(pure), "seconds_compress": report.get("seconds", 0.0),
-                           "bits_per_weight": block_bits_per_weight(nnx.to_pure_dict(params)),
-                           "model_bytes": tree_bytes(params)}
+    row: dict[str, Any] = model.summary()
     for name, (tokens, max_windows) in texts.items():
-        result = evaluate_perplexity(graphdef, params, tokens, eval_seq_len, eval_batch_size,
-                                     max_windows=max_windows, progress=False)
+        result = evaluate_perplexity(model, tokens, eval_seq_len, eval_batch_size, max_windows=max_windows,
+                                     progress=False)
         row[f"perplexity_{name}"] = result.perplexity
         row[f"num_eval_tokens_{name}"] = result.num_eval_tokens
     return row
 
 
-def prune_and_evaluate(model, calib: np.ndarray | None, step: dict | None, texts: dict[str, tuple[np.ndarray, int]],
-                       eval_seq_len: int, eval_batch_size: int, calib_batch_size: int = 0,
-                       progress: bool = False) -> dict[str, Any]:
-    """:func:`compress_model` with one recipe ``step`` (``None`` = dense), then :func:`evaluate_model`."""
-    graphdef, params, pure, report = compress_model(model, calib, step, calib_batch_size, progress)
-    return evaluate_model(graphdef, params, pure, report, texts, eval_seq_len, eval_batch_size)
+def compress_and_evaluate(model, recipe: list[dict], calib: np.ndarray | None,
+                          texts: dict[str, tuple[np.ndarray, int]], eval_seq_len: int, eval_batch_size: int,
+                          calib_batch_size: int = 0, progress: bool = False,
+                          compute_dtype: str = "bfloat16") -> dict[str, Any]:
+    """``compress(model, recipe, calib)`` then :func:`evaluate_model`."""
+    from llmopt_jax.compress.api import compress
+
+    compressed = compress(model, recipe, calib, batch_size=calib_batch_size, progress=progress,
+                          compute_dtype=compute_dtype)
+    return evaluate_model(compressed, texts, eval_seq_len, eval_batch_size)
 
 
 def print_row(label: str, row: dict) -> None:

@@ -163,10 +163,10 @@ def check_calibration_text(text_file: str, sources: str) -> None:
         parse_calibration_sources(sources)
 
 
-def calibration_windows(tokenizer: Tokenizer, text_file: str, sources: str, num: int, length: int,
-                        seed: int) -> np.ndarray:
-    """Calibration windows ``[num, length]``: from ``text_file`` (comma-separated paths) when given, else equal
-    shares of the comma-separated :data:`CALIBRATION_SOURCES` named in ``sources``."""
+def calibration_windows(tokenizer: Tokenizer, text_file: str = "", sources: str = "topics,code,prose",
+                        num: int = 128, length: int = 512, seed: int = 0) -> np.ndarray:
+    """Calibration windows int ``[num, length]`` sampled with ``seed``: from ``text_file`` (comma-separated paths)
+    when given, else equal shares of the comma-separated :data:`CALIBRATION_SOURCES` named in ``sources``."""
     if text_file:
         return sample_windows(np.asarray(tokenizer.encode(load_texts(text_file))), num, length, seed)
     texts = [calibration_source_text(n) for n in parse_calibration_sources(sources)]

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from llmopt_jax.data.text import token_windows
-from llmopt_jax.errors import ConfigError
+from llmopt_jax.errors import ConfigError, DataError
 from llmopt_jax.parallel.rules import DEFAULT_RULES, Rules, check_batch_fits_mesh, logical_to_spec
 
 
@@ -41,11 +41,37 @@ def window_nll_sums(graphdef: nnx.GraphDef, params: nnx.State, windows: jax.Arra
     return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - target_logits, axis=-1)
 
 
-def evaluate_perplexity(
+def evaluate_perplexity(model, *args, **kwargs) -> PerplexityResult:
+    """Perplexity of a model on a text or token array.
+
+    ``evaluate_perplexity(model, text_or_tokens, seq_len=512, batch_size=4, *, max_windows=0, mesh=None,
+    rules=DEFAULT_RULES, progress=True)`` with ``model`` any loaded or compressed model (``.graphdef``,
+    ``.params``; a ``str`` text is tokenized with its tokenizer, without BOS), or
+    ``evaluate_perplexity(graphdef, params, tokens, seq_len, ...)`` with the parts. See :func:`perplexity_of`.
+    """
+    if hasattr(model, "graphdef") and hasattr(model, "params"):
+        tokens, *rest = args
+        if isinstance(tokens, str):
+            tokens = model.require_tokenizer().encode(tokens)
+        return perplexity_of(model.graphdef, model.params, tokens, *rest, **kwargs)
+    return perplexity_of(model, *args, **kwargs)
+
+
+def check_eval_tokens(tokens, seq_len: int, what: str = "evaluation text") -> None:
+    """Raises ``DataError`` unless ``tokens`` hold at least one full window of ``seq_len`` tokens."""
+    if seq_len < 2:
+        raise ConfigError(f"eval.seq_len must be at least 2, got {seq_len}")
+    n = len(tokens)
+    if n < seq_len:
+        raise DataError(f"the {what} has {n} tokens, fewer than one window of eval.seq_len={seq_len}: give a "
+                        "longer text or a smaller eval.seq_len")
+
+
+def perplexity_of(
     graphdef: nnx.GraphDef,
     params: nnx.State,
     tokens: np.ndarray,
-    seq_len: int,
+    seq_len: int = 512,
     batch_size: int = 4,
     *,
     max_windows: int = 0,
@@ -55,14 +81,15 @@ def evaluate_perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``tokens`` (1-D int) in windows of ``seq_len``, ``batch_size`` windows per jitted call.
 
-    ``max_windows > 0`` evaluates only the first windows. With a ``mesh``, each batch is split over the
+    ``max_windows > 0`` evaluates only the first windows (0 or -1: all). With a ``mesh``, each batch is split over the
     axes ``act_batch`` maps to (``batch_size`` must divide by them). The last batch is padded with copies
     of a real window whose scores are discarded, so the function compiles once.
     """
-    if seq_len < 2:
-        raise ConfigError(f"eval.seq_len must be at least 2, got {seq_len}")
+    check_eval_tokens(tokens, seq_len)
     if batch_size < 1:
         raise ConfigError(f"eval.batch_size must be positive, got {batch_size}")
+    if max_windows < -1:
+        raise ConfigError(f"eval.max_windows must be positive, or 0 / -1 for every window, got {max_windows}")
     windows = token_windows(np.asarray(tokens, np.int32), seq_len)
     if max_windows > 0:
         windows = windows[:max_windows]

@@ -108,11 +108,14 @@ class Generation:
 class Generator:
     """Compiled prefill/decode for one model, batch size, prompt bucket and cache length.
 
-    Build once and call :meth:`generate` many times; compiled functions are cached per shape, so repeated
-    calls with prompts in the same bucket never recompile.
+    Build once (``Generator(model)`` with a loaded or compressed model, or ``Generator(graphdef, params)``) and
+    call :meth:`generate` many times; compiled functions are cached per shape, so repeated calls with prompts in
+    the same bucket never recompile.
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, cache_dtype=None):
+    def __init__(self, graphdef, params: nnx.State | None = None, cache_dtype=None):
+        if params is None:  # a model object
+            graphdef, params = graphdef.graphdef, graphdef.params
         self.graphdef = graphdef
         self.params = params
         self.cfg = nnx.merge(graphdef, params).cfg
@@ -219,3 +222,20 @@ class Generator:
             tokens=out[:real], prompt_lengths=lengths[:real], stopped=done[:real].tolist(), seconds_prefill=seconds_prefill,
             seconds_decode=seconds_decode, decode_steps=steps, seconds_compile=self.compile_seconds - compile_before,
         )
+
+
+def chat_prompt(tokenizer, prompt: str, system: str = "") -> tuple[list[int], tuple[int, ...]]:
+    """Token ids of ``prompt`` as one user turn in the tokenizer's chat template (with ``system`` as the system
+    turn when given, BOS when the model wants one) and the ids that end the assistant's turn."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return ([tokenizer.bos_id] + ids if tokenizer.add_bos else ids), tuple(tokenizer.stop_ids)
+
+
+def chat(model, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig = SamplingConfig(), *,
+         system: str = "", seed: int = 0) -> str:
+    """The model's reply to ``prompt`` (one user turn in its chat template), decoded to text."""
+    tokenizer = model.require_tokenizer()
+    ids, stop_ids = chat_prompt(tokenizer, prompt, system)
+    out = Generator(model).generate([ids], max_new_tokens, sampling, seed=seed, stop_ids=stop_ids)
+    return tokenizer.decode([t for t in out.tokens[0] if t not in stop_ids])

@@ -120,28 +120,38 @@ def encode_blocks(codes: np.ndarray, scale: np.ndarray, tensor_type: str, offset
     return np.concatenate([*head, q], axis=-1).reshape(rows, -1)
 
 
-def _add_tensor(writer: Any, name: str, array: np.ndarray, tensor_type: str, record: Any = None) -> bool:
+def _add_tensor(writer: Any, name: str, array: np.ndarray, tensor_type: str, record: Any = None) -> tuple[bool, float]:
     """Adds ``name`` in ``tensor_type`` (F32 for vectors); ``record`` (a ``QuantizedMatrix`` of the same
     ``[out, in]`` matrix) is written code for code when it fits the block format. Returns whether a block
-    format had to fall back to F16."""
+    format had to fall back to F16, and the relative change ``‖stored - array‖ / ‖array‖`` of the values written
+    (0 when they are stored exactly)."""
     import gguf
 
     array = np.ascontiguousarray(array, np.float32)
     if array.ndim == 1 or tensor_type == "F32":
         writer.add_tensor(name, array)
-        return False
+        return False, 0.0
     if record is not None and _fits_blocks(record.grid, tensor_type):
         qtype = gguf.GGMLQuantizationType[tensor_type]
-        writer.add_tensor(name, encode_blocks(np.asarray(record.codes), np.asarray(record.scale), tensor_type,
-                                              np.asarray(record.offset)), raw_dtype=qtype)
-        return False
+        data = encode_blocks(np.asarray(record.codes), np.asarray(record.scale), tensor_type,
+                             np.asarray(record.offset))
+        writer.add_tensor(name, data, raw_dtype=qtype)
+        return False, _relative_change(array, gguf.quants.dequantize(data, qtype))
     fallback = tensor_type in BLOCK_BITS and array.shape[-1] % 32 != 0
     if fallback or tensor_type == "F16":
-        writer.add_tensor(name, array.astype(np.float16))
-    else:
-        qtype = gguf.GGMLQuantizationType[tensor_type]
-        writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    return fallback
+        stored = array.astype(np.float16)
+        writer.add_tensor(name, stored)
+        return fallback, _relative_change(array, stored)
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    data = gguf.quants.quantize(array, qtype)
+    writer.add_tensor(name, data, raw_dtype=qtype)
+    return fallback, _relative_change(array, gguf.quants.dequantize(data, qtype))
+
+
+def _relative_change(original: np.ndarray, stored: np.ndarray) -> float:
+    norm = float(np.linalg.norm(original))
+    diff = float(np.linalg.norm(np.asarray(stored, np.float32).reshape(original.shape) - original))
+    return diff / norm if norm else diff
 
 
 def _fits_blocks(grid: Any, tensor_type: str) -> bool:
@@ -218,14 +228,16 @@ def write_gguf(
     metadata_from: GGUFFile | None = None,
     name: str = "llmopt_jax",
     quantized: dict | None = None,
-) -> None:
+) -> dict[str, float]:
     """Writes ``params`` (an ``nnx.State`` or pure dict) for ``cfg`` as a llama.cpp ``llama`` GGUF at ``path``.
 
     Tokenizer metadata (``tokenizer.*``) is copied from ``metadata_from`` when given; without it the file
     declares no vocabulary (``tokenizer.ggml.model = "none"``, token ids in, logits out). ``quantized``
     (``compress_sequentially``'s ``report["quantized"]``) lets Q8_0/Q4_0 store those weights' own codes (see
-    the module docstring). The file appears atomically: a temporary file in the same directory is renamed over
-    ``path`` only once complete.
+    the module docstring; a record under ``quantized["embed"]["embedding"]`` does the same for the token
+    embedding). The file appears atomically: a temporary file in the same directory is renamed over ``path``
+    only once complete. Returns ``{tensor name: relative change}`` of every tensor whose stored values differ
+    from ``params`` (re-rounded to ``tensor_type``, or F16 fallbacks).
     """
     import gguf
 
@@ -234,6 +246,9 @@ def write_gguf(
     file_type = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
                  "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1"}[tensor_type]
     records = _gguf_records(cfg, quantized) if quantized else {}
+    embedding_record = (quantized or {}).get("embed", {}).get("embedding")
+    if embedding_record is not None:
+        records["token_embd.weight"] = embedding_record
     off_grid = sorted({qm.grid.describe() for qm in records.values() if not _fits_blocks(qm.grid, tensor_type)})
     if tensor_type in BLOCK_BITS and off_grid:
         warnings.warn(f"{path}: weights quantized {', '.join(off_grid)} are not on {tensor_type}'s grid "
@@ -272,8 +287,13 @@ def write_gguf(
             _copy_tokenizer(w, metadata_from)
         else:
             w.add_tokenizer_model("none")
-        fallbacks = [n for n, a in _gguf_tensors(cfg, params).items()
-                     if _add_tensor(w, n, a, tensor_type, records.get(n))]
+        fallbacks, changes = [], {}
+        for n, a in _gguf_tensors(cfg, params).items():
+            fallback, change = _add_tensor(w, n, a, tensor_type, records.get(n))
+            if fallback:
+                fallbacks.append(n)
+            if change > 0:
+                changes[n] = change
         if fallbacks:
             names = ", ".join(fallbacks)
             warnings.warn(f"{path}: rows of {names} are not a multiple of 32 values; written as F16, not "
@@ -283,6 +303,7 @@ def write_gguf(
         w.write_tensors_to_file()
         w.close()
         os.replace(tmp, path)
+        return changes
     except BaseException as e:
         if w is not None:
             w.close()

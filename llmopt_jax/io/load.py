@@ -27,6 +27,13 @@ class PretrainedModel:
     tokenizer: GGUFTokenizer | None
     path: str
 
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of every array the model holds (packed weights count their packed size)."""
+        from llmopt_jax.infer.roofline import tree_bytes
+
+        return tree_bytes(self.params)
+
     def require_tokenizer(self) -> GGUFTokenizer:
         """The tokenizer, or an ``LlmoptError`` naming the model when none was found beside it."""
         if self.tokenizer is None:
