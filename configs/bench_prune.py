@@ -56,7 +56,7 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.e2e_torch_batch_size = 8  # windows per forward of the port (upstream forwards one at a time)
     c.e2e_eval_windows = p["e2e_eval_windows"]  # windows of held-out text scored per pruned model
     c.eval_seq_len = 512
-    # The PyTorch reference (experiments/sparsegpt_torch.py; needs the `reference` extra).
+    # The PyTorch reference (benchmarks/baselines/sparsegpt_torch.py; needs the `reference` extra).
     c.torch = True  # False: skip it even when torch is installed (its columns are then null)
     c.torch_threads = "1,0"  # thread counts to try (0 = all cores); the faster median is reported
     # A thread count whose first run is this many times slower than the fastest one is not repeated (PyTorch's

@@ -34,7 +34,7 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.update(common.solver_config())  # blocksize, damp_fraction
     c.repeats = p["repeats"]  # timed runs per solver and row (after a warm-up run of ours); medians reported
     c.seed = 0
-    # The PyTorch reference (experiments/gptq_torch.py; needs the `reference` extra).
+    # The PyTorch reference (benchmarks/baselines/gptq_torch.py; needs the `reference` extra).
     c.torch = True  # False: skip it even when torch is installed (its columns are then null)
     c.torch_threads = "1,0"  # thread counts to try (0 = all cores); the faster median is reported
     c.slow_factor = 3.0  # a thread count whose first run is this many times slower than the fastest is not repeated

@@ -4,11 +4,11 @@
 
 For each size n in ``sizes`` and each mode in ``modes`` (``BITS/GROUP`` or ``BITS/GROUP/act``; GROUP -1 = one
 scale per output channel): a random ``W`` ``[n, n]`` and ``H = 2XᵀX/N`` from correlated random inputs (``N =
-tokens``, default 2n; the problem generator of ``bench_prune``). Our ``gptq_quantize`` is timed after a warm-up call
-that compiles (``compile_seconds`` = first call minus the median), the PyTorch reference
-(``experiments/gptq_torch.py``, the same grid and group rule) at each thread count of ``torch_threads``; runs are
-interleaved so a shared CPU slows both alike. Both results are scored by the relative layer reconstruction error
-``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` and by the fraction of weights on which they agree (to 1e-4 relative).
+tokens``, default 2n; ``benchmarks.solver_rows.random_problem``, as in ``bench_prune``). Our ``gptq_quantize`` is
+timed after a warm-up call that compiles (``compile_seconds`` = first call minus the median), the PyTorch reference
+(``benchmarks/baselines/gptq_torch.py``, the same grid and group rule) at each thread count of ``torch_threads``;
+runs are interleaved so a shared CPU slows both alike. Both results are scored by the relative layer reconstruction
+error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` and by the fraction of weights on which they agree (to 1e-4 relative).
 
 results.json: ``rows`` (one dict per row: size, mode, ours_seconds, ours_compile_seconds, torch_seconds,
 torch_threads, torch_seconds_by_threads, speedup = torch / ours, ours_relative_error, torch_relative_error,
@@ -45,17 +45,16 @@ def mode_key(mode: str, n: int) -> str:
 
 
 def main(config, workdir):
-    import importlib.util
-    import statistics
+    # The harness pins the CPUs before JAX starts its thread pools, so it is imported (and run) first.
+    from benchmarks.harness import restrict_cpus, torch_timer
 
-    from experiments.bench_prune import TorchTimer, flatten_row, interleaved_runs, plot, random_problem, restrict_cpus
-
-    cpu_count = restrict_cpus(config.cpus)  # before JAX starts its thread pools
+    cpu_count = restrict_cpus(config.cpus)
     import jax
-    import numpy as np
 
-    from llmopt_jax.compress.calibrate import relative_reconstruction_error
-    from llmopt_jax.compress.quantize import QuantGrid, gptq_quantize
+    from benchmarks import quantize_rows
+    from benchmarks.plots import plot_solver_rows
+    from benchmarks.solver_rows import flatten_row
+    from llmopt_jax.compress.quantize import QuantGrid
     from llmopt_jax.errors import ConfigError
     from llmopt_jax.jsonio import write_json
 
@@ -69,68 +68,16 @@ def main(config, workdir):
         for grid, _ in grids.values():
             grid.group_width(n)  # a group size that does not divide n: a clear error before anything runs
     print(f"{cpu_count} CPU(s) in use", flush=True)
-    thread_counts = sorted({int(t) or cpu_count for t in str(config.torch_threads).split(",") if t.strip()})
-    if not thread_counts or min(thread_counts) < 1:
-        raise ConfigError(f"torch_threads must list positive thread counts (0 = all cores), got {config.torch_threads!r}")
+    timer = torch_timer(config, cpu_count, quantize_rows.load_gptq_torch, warmup_args=(4,))
 
-    timer = None
-    if not config.torch:
-        print("torch=False: no PyTorch timings, torch columns are null")
-    elif importlib.util.find_spec("torch") is None:
-        print("torch not installed (pip install -e '.[reference]'): no PyTorch timings, torch columns are null")
-    else:
-        from experiments.gptq_torch import gptq_torch  # imports torch
-
-        timer = TorchTimer(thread_counts, config.slow_factor, solve=gptq_torch, warmup_args=(4,))
-
-    rows, results = [], {}
-    for n in sizes:
-        w, h = random_problem(n, config.tokens or 2 * n, config.seed)
-        w_np, h_np = np.array(w), np.array(h)  # writable copies for torch.from_numpy
-        for mode, (grid, act_order) in grids.items():
-
-            def ours():
-                out, _ = gptq_quantize(w, h, grid, blocksize=config.blocksize, damp_fraction=config.damp_fraction,
-                                       act_order=act_order)
-                return jax.block_until_ready(out)
-
-            print(f"{n}x{n} {grid.describe()}{' act-order' if act_order else ''}:", flush=True)
-            wt, ht = (timer.torch.from_numpy(w_np), timer.torch.from_numpy(h_np)) if timer else (None, None)
-
-            def theirs():
-                return timer.solve(wt, ht, grid.bits, grid.group_size, grid.symmetric, act_order,
-                                   blocksize=config.blocksize, percdamp=config.damp_fraction)
-
-            # warm_theirs: an untimed reference call, like ours' first call, warms caches and allocator at this size
-            first, ours_runs, ours_out, torch_times, torch_out = interleaved_runs(ours, theirs, timer, config.repeats,
-                                                                                  warm_theirs=True)
-            ours_s = statistics.median(ours_runs)
-            row = dict(kind="matrix", size=n, mode=mode, label=f"{n}² {mode}", ours_seconds=ours_s,
-                       ours_compile_seconds=max(first - ours_s, 0.0), ours_runs=ours_runs,
-                       ours_relative_error=relative_reconstruction_error(w, ours_out, h), torch_seconds=None,
-                       torch_threads=None, torch_seconds_by_threads=None, torch_relative_error=None,
-                       weight_agreement=None, speedup=None)
-            line = f"  ours {ours_s:.3f} s (+{row['ours_compile_seconds']:.1f} s compile), error {row['ours_relative_error']:.6f}"
-            if timer:
-                torch_s, threads, by_threads = timer.summary(torch_times)
-                theirs = torch_out.numpy()
-                row.update(torch_seconds=torch_s, torch_threads=threads, torch_seconds_by_threads=by_threads,
-                           torch_relative_error=relative_reconstruction_error(w, theirs, h),
-                           weight_agreement=float(np.mean(np.isclose(np.asarray(ours_out), theirs, rtol=1e-4,
-                                                                      atol=1e-6))),
-                           speedup=torch_s / ours_s)
-                line += (f"; torch {torch_s:.3f} s at {threads} thread(s) {by_threads}, error "
-                         f"{row['torch_relative_error']:.6f}; speedup {row['speedup']:.2f}x; weights agree "
-                         f"{row['weight_agreement']:.4f}")
-            print(line, flush=True)
-            rows.append(row)
-            flatten_row(results, row, mode_key(mode, n), "weight_agreement")
-
+    rows, results = quantize_rows.matrix_rows(config, timer, sizes, grids), {}
+    for row in rows:
+        flatten_row(results, row, mode_key(row["mode"], row["size"]), "weight_agreement")
     results.update(rows=rows, device=str(jax.devices()[0]), cpus=cpu_count, repeats=config.repeats,
                    blocksize=config.blocksize, damp_fraction=config.damp_fraction, symmetric=config.symmetric,
                    torch_version=timer.torch.__version__ if timer else None, jax_version=jax.__version__)
     write_json(f"{workdir}/results.json", results)
-    plot(rows, f"{workdir}/gptq.png", title="GPTQ solve time, same CPU")
+    plot_solver_rows(rows, f"{workdir}/gptq.png", title="GPTQ solve time, same CPU")
 
 
 if __name__ == "__main__":

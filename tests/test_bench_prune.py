@@ -1,15 +1,13 @@
 """The pruning benchmark: the PyTorch SparseGPT reference agrees with our JAX solver; the smoke preset runs."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
 import jax.numpy as jnp
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from llmopt_jax.compress.prune import parse_pattern, sparsegpt_prune
 
 
@@ -23,15 +21,6 @@ def problem(rows, cols, seed, dead=()):
     return rng.normal(size=(rows, cols)).astype(np.float32), h
 
 
-def load_reference():
-    """``experiments/sparsegpt_torch.py``'s solver, loaded by path (``experiments`` need not be importable)."""
-    path = os.path.join(ROOT, "experiments", "sparsegpt_torch.py")
-    spec = importlib.util.spec_from_file_location("sparsegpt_torch", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.sparsegpt_torch
-
-
 def relative_error(w, new_w, h):
     delta = (w - new_w).astype(np.float64)
     return np.sum(delta @ h * delta) / np.sum(w.astype(np.float64) @ h * w)
@@ -43,7 +32,7 @@ def relative_error(w, new_w, h):
 )
 def test_torch_reference_agrees_with_our_solver(rows, cols, blocksize, pattern):
     torch = pytest.importorskip("torch")
-    sparsegpt_torch = load_reference()
+    from benchmarks.baselines.sparsegpt_torch import sparsegpt_torch
     w, h = problem(rows, cols, seed=cols + len(pattern), dead=(3,))  # 40 = 16 + 16 + 8, 200 = 3x64 + 8: ragged
     pat = parse_pattern(0.5, pattern)
     ours, keep = (np.asarray(a) for a in sparsegpt_prune(jnp.asarray(w), jnp.asarray(h), pat, blocksize=blocksize))

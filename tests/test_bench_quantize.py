@@ -22,7 +22,7 @@ from test_bench_prune import problem, relative_error
 ])
 def test_torch_reference_agrees_with_our_solver(rows, cols, blocksize, grid, act_order):
     torch = pytest.importorskip("torch")
-    from experiments.gptq_torch import gptq_torch
+    from benchmarks.baselines.gptq_torch import gptq_torch
 
     w, h = problem(rows, cols, seed=cols + grid.bits, dead=(3,))
     ours, qm = gptq_quantize(jnp.asarray(w), jnp.asarray(h), grid, blocksize=blocksize, act_order=act_order)

@@ -22,7 +22,7 @@ CFG = ModelConfig(vocab_size=96, d_model=64, num_layers=2, num_heads=4, num_kv_h
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-from experiments import sparsegpt_torch_model as port  # noqa: E402
+from benchmarks.baselines import sparsegpt_torch_model as port  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,14 @@
 """A PyTorch (CPU, float32) port of SparseGPT's end-to-end sequential procedure on our LLaMA-family decoder.
 
 The baseline that our JAX engine (``llmopt_jax.compress.calibrate.compress_sequentially``) is timed against. It
-follows the reference code's ``llama_sequential`` (IST-DASLab/sparsegpt ``llama.py``), written afresh here:
+follows the procedure of the SparseGPT authors' reference code (its ``llama_sequential``), written afresh here:
 
 0. the calibration windows (token ids ``[N, L]``, no BOS handling) are embedded once: these are the first
    block's inputs (upstream catches them with a ``Catcher`` module in front of layer 0);
 1. per block: forward it on all calibration inputs, capturing the input of every linear layer and accumulating
    its Hessian ``H = 2 XᵀX / n`` (upstream's forward hooks + ``add_batch``);
 2. prune the block's 7 matrices (q, k, v, o, gate, up, down), each with its input's Hessian, with
-   ``experiments/sparsegpt_torch.py``'s solver (upstream's ``fasterprune``);
+   ``benchmarks/baselines/sparsegpt_torch.py``'s solver (upstream's ``fasterprune``);
 3. forward the *pruned* block on the calibration inputs: its outputs are the next block's inputs
    (upstream's second pass over ``inps``, then ``inps, outs = outs, inps``).
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.sparsegpt_torch import sparsegpt_torch
+from benchmarks.baselines.sparsegpt_torch import sparsegpt_torch
 
 # The linear layers grouped by the activation they read (one Hessian per group), in our engine's order.
 INPUT_GROUPS = {"attn_in": ("q_proj", "k_proj", "v_proj"), "attn_out": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"),

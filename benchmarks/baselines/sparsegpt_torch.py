@@ -1,4 +1,4 @@
-"""A PyTorch (CPU, float32) SparseGPT: the baseline that ``experiments/bench_prune.py`` times our JAX solver against.
+"""A PyTorch (CPU, float32) SparseGPT: the baseline that ``experiments.bench_prune`` times our JAX solver against.
 
 Written from the paper (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
 One-Shot", Algorithm 1), in the style of a straightforward PyTorch implementation:

@@ -1,4 +1,4 @@
-"""A PyTorch (CPU, float32) GPTQ: the baseline that ``experiments/bench_quantize.py`` times our JAX solver against.
+"""A PyTorch (CPU, float32) GPTQ: the baseline that ``experiments.bench_quantize`` times our JAX solver against.
 
 Written from the paper (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers", Algorithm 1), in the style of a straightforward PyTorch implementation, on the grid of
@@ -11,9 +11,9 @@ Pre-trained Transformers", Algorithm 1), in the style of a straightforward PyTor
 4. columns left to right in blocks of ``blocksize``; per column ``q = round_to_grid(w)``, ``err = (w − q) / d``,
    ``W1[:, i:] −= err ⊗ Hinv1[i, i:]``; after a block the lazy batched update ``W[:, i2:] −= Err1 @ Hinv[i1:i2, i2:]``;
 5. without act-order each group's scale/offset is fitted when the solver reaches its first column, from the
-   weights as updated so far, in-block updates included (blocks are widened to whole groups for that; upstream's
-   ``gptq.py`` fits from the matrix without the current block's updates, which makes its result depend on the
-   block size; ours and this one do not).
+   weights as updated so far, in-block updates included (blocks are widened to whole groups for that; the
+   authors' reference code fits from the matrix without the current block's updates, which makes its result
+   depend on the block size; ours and this one do not).
 
 Grid: ``bits``, symmetric (``d·q``, ``d = signed max / -2^(b-1)``) or asymmetric: with an integer zero-point
 (``zero_point="int"``, the reference code's quantizer: range widened to include 0, ``d = (max - min) / (2^b - 1)``,
