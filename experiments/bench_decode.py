@@ -35,14 +35,13 @@ def main(config, workdir):
     import tempfile
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # llama.cpp's spinning OpenMP threads starve JAX here
-    from types import SimpleNamespace
 
     import jax
     import numpy as np
 
     from benchmarks.decode_timing import decode_row, time_llama_cpp, time_ours
     from benchmarks.plots import plot_decode
-    from llmopt_jax.compress.study import compress_model
+    from llmopt_jax.compress.api import compress
     from llmopt_jax.data.text import default_text
     from llmopt_jax.errors import ConfigError
     from llmopt_jax.infer.roofline import decode_bytes_per_step, measure_memory_bandwidth, tree_bytes
@@ -79,16 +78,17 @@ def main(config, workdir):
         # Scanned layers: with unrolled layers XLA:CPU fuses each kernel's dequantization into its dot and runs
         # that as a naive loop (measured 5.8 vs 46 tokens/s for int4 at batch 1).
         model = load_pretrained(config.model, scan_layers=True)
-        step = {"name": "rtn", "bits": bits, "group_size": group, "symmetric": True}
-        graphdef, params, _, _ = compress_model(model, None, step, embedding_bits=bits if config.packed_embedding else 0)
-        quantized = SimpleNamespace(graphdef=graphdef, params=params, cfg=model.cfg)
+        recipe = [{"method": "rtn", "bits": bits, "group_size": group, "symmetric": True}]
+        if config.packed_embedding:
+            recipe.append({"method": "embedding", "bits": bits})
+        quantized = compress(model, recipe, progress=False)
         dtype = f"int{bits}" + (f"_g{group}" if group > 0 else "")
-        weight_bytes = tree_bytes(params)
+        weight_bytes = quantized.bytes_held
         for batch in batches:
             prefill, decode, tokens = time_ours(quantized, batch, prompt, config.new_tokens, config.repeats)
             bound = batch * bandwidth / decode_bytes_per_step(model.cfg, batch, context, weight_bytes, 4)
             rows.append(decode_row("jax", dtype, batch, prefill, decode, bound, weight_bytes, tokens))
-        del model, quantized, params
+        del model, quantized
 
     have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
     if config.llama_cpp and not have_llama_cpp:

@@ -120,7 +120,7 @@ def test_chain_keeps_earlier_zeros(setup):
 
 def test_errors(setup):
     _, pure, windows = setup
-    with pytest.raises(ConfigError, match="unknown compression step 'prune'"):
+    with pytest.raises(ConfigError, match="unknown compression method 'prune'"):
         from_recipe([{"method": "prune"}])
     with pytest.raises(ConfigError, match="compression step 'wanda'"):
         from_recipe([{"method": "wanda", "bits": 4}])

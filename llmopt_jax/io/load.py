@@ -34,6 +34,17 @@ class PretrainedModel:
 
         return tree_bytes(self.params)
 
+    def linear_weight(self, block: int, name: str) -> Any:
+        """Block ``block``'s linear layer ``name`` (``q_proj`` ... ``down_proj``) as the papers' float32 matrix
+        ``W [outputs, inputs]`` (dequantized when packed)."""
+        from llmopt_jax.compress.calibrate import kernel_to_matrix
+        from llmopt_jax.compress.packed import PackedTensor
+        from llmopt_jax.models.layout import layer_params
+
+        pure = getattr(self, "float_params", None) or nnx.to_pure_dict(self.params)
+        kernel = layer_params(pure["layers"], block, self.cfg.scan_layers)[name]["kernel"]
+        return kernel_to_matrix(name, kernel.dequantize() if isinstance(kernel, PackedTensor) else kernel)
+
     def require_tokenizer(self) -> GGUFTokenizer:
         """The tokenizer, or an ``LlmoptError`` naming the model when none was found beside it."""
         if self.tokenizer is None:
