@@ -65,6 +65,9 @@ def get_config(preset: str = "smoke") -> ConfigDict:
     c.data.batch_size = run["batch_size"]  # global micro-batch, in windows
     c.data.grad_accum = run["grad_accum"]  # micro-batches per optimizer step
 
+    # Linear warmup over warmup_steps, then cosine decay to final_lr_fraction at total_steps. A run shorter than its
+    # warmup (the smoke preset at --config.train.steps=5) warms up over half the run instead, with a note on stderr
+    # and the steps used in results.json's warmup_steps (llmopt_jax.train.optim.fit_warmup).
     c.optim = ConfigDict(
         dict(
             name="adamw", learning_rate=run["lr"], warmup_steps=run["warmup"], total_steps=0,  # 0 = train.steps

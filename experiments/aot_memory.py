@@ -17,6 +17,10 @@ from llmopt_jax.jsonio import write_json
 def main(config, workdir):
     import jax
 
+    from llmopt_jax.config_checks import check_train_settings
+
+    check_train_settings(config)
+
     # Must run before anything touches a JAX backend.
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", int(config.aot.num_devices))

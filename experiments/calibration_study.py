@@ -32,18 +32,17 @@ def parse_variant(text: str) -> dict:
 
 def study_rows(config) -> list[dict]:
     """Every (calibration set, method, dampening) row of the study, in run order."""
-    methods = [m for m in config.methods.split(",") if m]
+    from llmopt_jax.config_checks import parse_list
+
+    methods = parse_list(config.methods, "methods", str, example="sparsegpt,wanda")
     for m in methods:
         if m not in ("sparsegpt", "wanda", "magnitude"):
             raise ConfigError(f"unknown method {m!r} in methods; choose from sparsegpt, wanda, magnitude")
-    try:
-        damps = [float(d) for d in config.damp_fractions.split(",") if d.strip()]
-    except ValueError as e:
-        raise ConfigError(f"damp_fractions={config.damp_fractions!r} must be comma-separated numbers") from e
+    damps = parse_list(config.damp_fractions, "damp_fractions", float, example="0.01,0.1")
     damps = [d for d in dict.fromkeys(damps) if d != config.sparsegpt.damp_fraction]  # no row twice
     damp_variant = parse_variant(config.damp_variant)["variant"] if damps else None
     rows = []
-    for variant in [v for v in config.variants.split(",") if v.strip()]:
+    for variant in parse_list(config.variants, "variants", str, example="topics/128x512,topics+code/128x512"):
         calib = parse_variant(variant)
         for method in methods:
             damp = config.sparsegpt.damp_fraction if method == "sparsegpt" else None
@@ -126,16 +125,24 @@ def main(config, workdir):
 
     import numpy as np
 
-    from llmopt_jax.compress.study import ResumableRows, compress_and_evaluate, eval_texts, print_row
+    from llmopt_jax.compress.study import (ResumableRows, compress_and_evaluate, eval_texts, print_row,
+                                           read_eval_texts, require_finished_rows)
+    from llmopt_jax.config_checks import check_context, check_eval_settings
     from llmopt_jax.data.text import calibration_source_text, mixed_calibration_windows, parse_calibration_sources
     from llmopt_jax.io.load import load_pretrained
     from llmopt_jax.jsonio import write_json
 
-    workdir = cli.prepare_workdir(config, workdir)
     todo = study_rows(config)
-    for row in todo:  # every problem in the config fails here, before the model loads
+    for row in todo:  # every problem in the config fails here, before the workdir is touched or the model loads
         row_recipe(config, row)
         parse_calibration_sources(row["sources"])
+    if config.report_only:
+        require_finished_rows(ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings(config)), todo,
+                              workdir)
+    else:
+        check_eval_settings(config.eval)
+        eval_text = read_eval_texts(config.eval.close_text_file, config.eval.far_text_file, config.eval.seq_len)
+    workdir = cli.prepare_workdir(config, workdir)
     finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings(config))
     if not config.report_only:
         model = load_pretrained(config.model)
@@ -143,11 +150,12 @@ def main(config, workdir):
             if row["seq_len"] > model.cfg.max_seq_len:
                 raise ConfigError(f"variant {row['variant']}: windows of {row['seq_len']} tokens exceed the model's "
                                   f"context of {model.cfg.max_seq_len}")
+        check_context("eval.seq_len", config.eval.seq_len, model.cfg.max_seq_len)
         tok = model.require_tokenizer()
+        texts = eval_texts(tok, config.eval.close_text_file, config.eval.far_text_file, config.eval.close_max_windows,
+                           config.eval.far_max_windows, seq_len=config.eval.seq_len, texts=eval_text)
         names = sorted({n for row in todo for n in row["sources"].split(",")})
         sources = {n: np.asarray(tok.encode(calibration_source_text(n))) for n in names}  # each tokenized once
-        texts = eval_texts(tok, config.eval.close_text_file, config.eval.far_text_file, config.eval.close_max_windows,
-                           config.eval.far_max_windows)
         for row in todo:
             if finished.get(row) is not None:
                 continue

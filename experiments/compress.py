@@ -39,6 +39,7 @@ def main(config, workdir):
     import llmopt_jax as lj
     from llmopt_jax.compress.api import plan_recipe
     from llmopt_jax.compress.prune import parse_pattern
+    from llmopt_jax.config_checks import check_context, check_eval_settings, check_text_length
     from llmopt_jax.data.text import check_calibration_text, load_texts, stdlib_docstrings_text
     from llmopt_jax.errors import ConfigError
     from llmopt_jax.eval.perplexity import check_eval_tokens
@@ -53,18 +54,19 @@ def main(config, workdir):
         if config.save.endswith(".gguf") and config.save_type not in TENSOR_TYPES:
             raise ConfigError(f"save_type={config.save_type!r}; choose one of {', '.join(TENSOR_TYPES)}")
         check_writable(config.save)
+    check_eval_settings(config.eval)
+    eval_what = f"evaluation text {config.eval.text_file}" if config.eval.text_file else "evaluation text"
     eval_text = load_texts(config.eval.text_file) if config.eval.text_file else stdlib_docstrings_text()
+    check_text_length(eval_text, config.eval.seq_len, eval_what)
     check_calibration_text(config.calib.text_file, config.calib.sources)
     workdir = cli.prepare_workdir(config, workdir)
 
     model = lj.load_pretrained(config.model)
     tok = model.require_tokenizer()
     for key in ("calib", "eval"):
-        if not 2 <= config[key].seq_len <= model.cfg.max_seq_len:
-            raise ConfigError(f"{key}.seq_len={config[key].seq_len} must be in [2, {model.cfg.max_seq_len}] "
-                              "(the model's context)")
+        check_context(f"{key}.seq_len", config[key].seq_len, model.cfg.max_seq_len)
     eval_tokens = np.asarray(tok.encode(eval_text))
-    check_eval_tokens(eval_tokens, config.eval.seq_len, f"evaluation text {config.eval.text_file or ''}".strip())
+    check_eval_tokens(eval_tokens, config.eval.seq_len, eval_what)
     calib = None
     if plan.needs_calibration:
         calib = lj.calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,

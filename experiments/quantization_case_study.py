@@ -17,10 +17,13 @@ from llmopt_jax.errors import ConfigError
 def grid(config) -> list[dict]:
     """Rows in the order they run (see ``configs/quantization_case_study.py``): the cheap ones and the headline
     ones first, so a study stopped early still has them."""
-    act_order = {tuple(int(v) for v in item.split("/")) for item in config.act_order.split(",") if item}
-    methods = [m for m in config.methods.split(",") if m]
-    bits_list = [int(b) for b in config.bits.split(",") if b]
-    groups = [int(g) for g in config.group_sizes.split(",") if g]
+    from llmopt_jax.config_checks import parse_list
+
+    act_order = set(parse_list(config.act_order, "act_order", bits_group, item="BITS/GROUP setting",
+                               example="4/-1,3/64"))
+    methods = parse_list(config.methods, "methods", str, example="rtn,gptq")
+    bits_list = parse_list(config.bits, "bits", int, example="3,4")
+    groups = parse_list(config.group_sizes, "group_sizes", int, example="-1,64")
     rows = [row("float32"), row("bfloat16")]
     if "rtn" in methods:  # no calibration: seconds each
         rows += [row("rtn", bits, group) for bits in bits_list for group in groups]
@@ -38,14 +41,23 @@ def grid(config) -> list[dict]:
               "w8a8": row("w8a8", 8, -1),
               "qat": {**row("qat", config.qat_bits, -1), "model": config.qat_model},
               "gptq_int8_embedding": {**row("gptq", 4, 64, act_order=True), "embedding_bits": 8}}
-    for name in [e for e in config.extras.split(",") if e]:
+    extra_names = parse_list(config.extras, "extras", str, example="sparsegpt_gptq,smoothquant")
+    for name in extra_names:
         if name not in extras:
             raise ConfigError(f"unknown extra row {name!r}; choose from {sorted(extras)}")
-    rows += gptq_rows(groups[:1]) + [extras[e] for e in config.extras.split(",") if e] + gptq_rows(groups[1:])
+    rows += gptq_rows(groups[:1]) + [extras[e] for e in extra_names] + gptq_rows(groups[1:])
     for (bits, group) in sorted(act_order):  # act-order settings outside the bits x groups grid
         if bits not in bits_list or group not in groups:
             rows.append(row("gptq", bits, group, act_order=True))
     return rows
+
+
+def bits_group(item: str) -> tuple[int, int]:
+    """``"3/64"`` -> ``(3, 64)`` (an ``act_order`` setting: bits and group size); ``ValueError`` otherwise."""
+    bits, slash, group = item.partition("/")
+    if not slash:
+        raise ValueError(item)
+    return int(bits), int(group)
 
 
 def row(method: str, bits: int = 32, group_size: int = -1, act_order: bool = False) -> dict:
@@ -172,10 +184,10 @@ def evaluate_row(config, model, calib, texts, r: dict):
 def main(config, workdir):
     import os
 
-    from llmopt_jax.compress.study import ResumableRows, case_study_settings, open_case_study, print_row
+    from llmopt_jax.compress.study import (ResumableRows, case_study_settings, check_case_study_inputs,
+                                           open_case_study, print_row, require_finished_rows)
     from llmopt_jax.jsonio import write_json
 
-    workdir = cli.prepare_workdir(config, workdir)
     todo = grid(config)
     for r in todo:  # validate every recipe before anything slow happens
         row_recipe(config, r)
@@ -190,13 +202,18 @@ def main(config, workdir):
         raise ConfigError(f"qat_model={missing_models[0]!r} is not a directory: run the QAT preset first "
                           "(python -m experiments.train --config=configs/train.py:qat) or drop 'qat' from extras")
     if config.report_only:
+        require_finished_rows(done, todo, workdir)
+    else:
+        texts = check_case_study_inputs(config)  # before the workdir is touched
+    workdir = cli.prepare_workdir(config, workdir)
+    if config.report_only:
         finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
         missing = [label(r) for r in todo if finished.get(r) is None]
         if missing:
             print(f"{len(missing)} rows not run yet: {', '.join(missing)}")
         todo = [r for r in todo if finished.get(r) is not None]
     else:
-        finished, model, texts, calib = open_case_study(config, workdir, row_key, settings)
+        finished, model, texts, calib = open_case_study(config, workdir, row_key, settings, texts)
         prompt = list(texts["close"][0][:32])
     decode_by_format = {storage_format(r): r["decode_tokens_per_s"] for r in finished.done.values()
                         if r.get("decode_tokens_per_s")}

@@ -11,13 +11,20 @@ from llmopt_jax import cli
 
 
 def grid(config) -> list[dict]:
+    """Dense, then every method at every unstructured sparsity and N:M pattern of the config."""
+    from llmopt_jax.compress.prune import parse_pattern
+    from llmopt_jax.config_checks import parse_list
+
+    methods = parse_list(config.methods, "methods", str, item="method", example="magnitude,wanda,sparsegpt")
+    sparsities = parse_list(config.sparsities, "sparsities", float, example="0.5,0.7")
+    patterns = parse_list(config.patterns, "patterns", str, item="pattern", example="2:4,4:8")
+    nm = {p: parse_pattern(0.0, p) for p in patterns}  # "N:M" with 0 < N < M, or a one-line error
     rows = [{"method": "dense", "pattern": "unstructured", "sparsity_target": 0.0}]
-    for method in [m for m in config.methods.split(",") if m]:
-        for s in [float(x) for x in config.sparsities.split(",") if x]:
+    for method in methods:
+        for s in sparsities:
             rows.append({"method": method, "pattern": "unstructured", "sparsity_target": s})
-        for pattern in [p for p in config.patterns.split(",") if p]:
-            n, m = (int(v) for v in pattern.split(":"))
-            rows.append({"method": method, "pattern": pattern, "sparsity_target": 1 - n / m})
+        for pattern in patterns:
+            rows.append({"method": method, "pattern": pattern, "sparsity_target": 1 - nm[pattern].n / nm[pattern].m})
     return rows
 
 
@@ -69,14 +76,16 @@ def plot(rows: list[dict], path: str) -> None:
 def main(config, workdir):
     import os
 
-    from llmopt_jax.compress.study import case_study_settings, compress_and_evaluate, open_case_study, print_row
+    from llmopt_jax.compress.study import (case_study_settings, check_case_study_inputs, compress_and_evaluate,
+                                           open_case_study, print_row)
     from llmopt_jax.jsonio import write_json
 
-    workdir = cli.prepare_workdir(config, workdir)
     todo = grid(config)
     for row in todo:  # validate every recipe before anything slow happens
         row_recipe(config, row)
-    finished, model, texts, calib = open_case_study(config, workdir, row_key, case_study_settings(config))
+    texts = check_case_study_inputs(config)  # and the texts, before the workdir is touched
+    workdir = cli.prepare_workdir(config, workdir)
+    finished, model, texts, calib = open_case_study(config, workdir, row_key, case_study_settings(config), texts)
 
     for row in todo:
         if finished.get(row) is not None:

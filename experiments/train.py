@@ -20,6 +20,9 @@ RESUMABLE_CHANGES = frozenset({
 
 
 def main(config, workdir):
+    from llmopt_jax.config_checks import check_train_settings
+
+    check_train_settings(config)  # a bad value fails here, before any device or the workdir is touched
     process_index = 0
     if config.get("distributed", False):
         import jax

@@ -56,7 +56,7 @@ def test_smoke_study_runs_and_resumes(tmp_path):
     ("--config.variants=topics/4", "must look like SOURCES/NxL"),
     ("--config.methods=sparsegpt,obs", "unknown method 'obs'"),
     ("--config.sparsity=1.0", "sparsity must be in [0, 1)"),
-    ("--config.damp_fractions=0.1,x", "damp_fractions='0.1,x' must be comma-separated numbers"),
+    ("--config.damp_fractions=0.1,x", "damp_fractions: 'x' is not a number"),
 ])
 def test_bad_config_one_line(tmp_path, override, fragment):
     proc = run_cli(["experiments.calibration_study", "--config=configs/calibration_study.py:smoke", override,

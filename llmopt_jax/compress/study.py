@@ -60,6 +60,17 @@ class ResumableRows:
         return row
 
 
+def require_finished_rows(finished: ResumableRows, todo: list[dict], workdir: str) -> None:
+    """Raises ``ConfigError`` naming ``workdir`` when none of the rows ``todo`` is finished there (what a
+    ``report_only`` run needs: a table of nothing is not a report)."""
+    if any(finished.get(row) is not None for row in todo):
+        return
+    where = (f"{finished.path} holds none of the {len(todo)} rows of this config" if os.path.exists(finished.path)
+             else f"no {finished.path}")
+    raise ConfigError(f"report_only=True: workdir {workdir} has no finished rows ({where}); run the study without "
+                      "report_only first, or give the workdir of a study")
+
+
 def case_study_settings(config, **extra) -> dict:
     """What decides a case-study row's numbers besides the row itself: model, calibration, solver and evaluation
     settings (batch sizes change speed, not results) and ``extra``."""
@@ -70,34 +81,73 @@ def case_study_settings(config, **extra) -> dict:
             "eval": without_batch(config.eval), **extra}
 
 
-def open_case_study(config, workdir: str, key: Callable[[dict], str], settings: dict):
+def check_case_study_inputs(config) -> dict[str, str]:
+    """Checks a case study's calibration and evaluation settings (``config.calib``, ``config.eval``) and reads its
+    evaluation texts (:func:`read_eval_texts`), before the workdir is prepared or the model loads."""
+    from llmopt_jax.config_checks import check_eval_settings
+    from llmopt_jax.data.text import check_calibration_text
+
+    check_eval_settings(config.eval)
+    check_calibration_text(config.calib.text_file, config.calib.sources)
+    return read_eval_texts(config.eval.close_text_file, config.eval.far_text_file, config.eval.seq_len)
+
+
+def open_case_study(config, workdir: str, key: Callable[[dict], str], settings: dict,
+                    texts: dict[str, str] | None = None):
     """The common start of a case study (``config.model``, ``config.calib``, ``config.eval.{close,far}_*``):
-    ``(finished rows, model, evaluation texts, calibration windows)``; the calibration settings are checked and
-    the finished rows read before the model loads."""
-    from llmopt_jax.data.text import calibration_windows, check_calibration_text
+    ``(finished rows, model, evaluation texts, calibration windows)``; the settings are checked and the finished
+    rows read before the model loads, the evaluation texts' lengths before the calibration windows are drawn.
+    ``texts``: the evaluation texts :func:`check_case_study_inputs` returned (read here when None)."""
+    from llmopt_jax.config_checks import check_context
+    from llmopt_jax.data.text import calibration_windows
     from llmopt_jax.io.load import load_pretrained
 
-    check_calibration_text(config.calib.text_file, config.calib.sources)
+    texts = texts if texts is not None else check_case_study_inputs(config)
     finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), key, settings)
     model = load_pretrained(config.model)
+    for block in ("calib", "eval"):
+        check_context(f"{block}.seq_len", config[block].seq_len, model.cfg.max_seq_len)
     tok = model.require_tokenizer()
-    texts = eval_texts(tok, config.eval.close_text_file, config.eval.far_text_file, config.eval.close_max_windows,
-                       config.eval.far_max_windows)
+    tokens = eval_texts(tok, config.eval.close_text_file, config.eval.far_text_file, config.eval.close_max_windows,
+                        config.eval.far_max_windows, seq_len=config.eval.seq_len, texts=texts)
     calib = calibration_windows(tok, config.calib.text_file, config.calib.sources, config.calib.num_samples,
                                 config.calib.seq_len, config.calib.seed)
-    return finished, model, texts, calib
+    return finished, model, tokens, calib
 
 
-def eval_texts(tokenizer, close_file: str, far_file: str, close_max_windows: int,
-               far_max_windows: int) -> dict[str, tuple[np.ndarray, int]]:
-    """``{"close": (tokens, max_windows), "far": ...}``: the files when given, else standard-library docstrings
-    (close to the ``pydoc_data.topics`` calibration text) and Python's LICENSE.txt (far from it)."""
+def _eval_text_name(name: str, path: str) -> str:
+    """How an error message names the close or far evaluation text."""
+    return f"{name} evaluation text {path} (eval.{name}_text_file)" if path else f"default {name} evaluation text"
+
+
+def read_eval_texts(close_file: str, far_file: str, seq_len: int = 2) -> dict[str, str]:
+    """``{"close": text, "far": text}``: the files when given, else standard-library docstrings (close to the
+    ``pydoc_data.topics`` calibration text) and Python's LICENSE.txt (far from it). Raises ``DataError`` for a
+    missing, empty or certainly too short text (fewer bytes than one window of ``seq_len`` tokens)."""
+    from llmopt_jax.config_checks import check_text_length
     from llmopt_jax.data.text import load_texts, python_license_text, stdlib_docstrings_text
 
-    close = load_texts(close_file) if close_file else stdlib_docstrings_text()
-    far = load_texts(far_file) if far_file else python_license_text()
-    return {"close": (np.asarray(tokenizer.encode(close)), close_max_windows),
-            "far": (np.asarray(tokenizer.encode(far)), far_max_windows)}
+    texts = {"close": load_texts(close_file) if close_file else stdlib_docstrings_text(),
+             "far": load_texts(far_file) if far_file else python_license_text()}
+    for name, path in (("close", close_file), ("far", far_file)):
+        check_text_length(texts[name], seq_len, _eval_text_name(name, path))
+    return texts
+
+
+def eval_texts(tokenizer, close_file: str, far_file: str, close_max_windows: int, far_max_windows: int, *,
+               seq_len: int | None = None, texts: dict[str, str] | None = None) -> dict[str, tuple[np.ndarray, int]]:
+    """``{"close": (tokens, max_windows), "far": ...}`` of :func:`read_eval_texts` (or of ``texts``, already
+    read). With ``seq_len``, raises ``DataError`` for a text shorter than one window of that many tokens."""
+    from llmopt_jax.eval.perplexity import check_eval_tokens
+
+    texts = texts if texts is not None else read_eval_texts(close_file, far_file, seq_len or 2)
+    out = {}
+    for name, path, max_windows in (("close", close_file, close_max_windows), ("far", far_file, far_max_windows)):
+        tokens = np.asarray(tokenizer.encode(texts[name]))
+        if seq_len is not None:
+            check_eval_tokens(tokens, seq_len, _eval_text_name(name, path))
+        out[name] = (tokens, max_windows)
+    return out
 
 
 def evaluate_model(model, texts: dict[str, tuple[np.ndarray, int]], eval_seq_len: int,

@@ -74,5 +74,13 @@ def check_writable(path: str) -> None:
         raise ConfigError(f"cannot save to {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot save to {path}: directory {parent} is not writable")
+    try:  # os.access says yes to root everywhere; creating a file is the real test (e.g. /proc refuses it)
+        import tempfile
+
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".write_check_")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        raise ConfigError(f"cannot save to {path}: directory {parent} is not writable") from None
     if os.path.isdir(path) and path.endswith(".gguf"):
         raise ConfigError(f"cannot save to {path}: it is a directory")

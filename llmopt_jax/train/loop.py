@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -29,15 +30,17 @@ from llmopt_jax.parallel.mesh import create_mesh, describe
 from llmopt_jax.parallel.rules import check_batch_fits_mesh, normalize_rules
 from llmopt_jax.train.checkpoint import Checkpointer, complete_steps
 from llmopt_jax.train.metrics import MetricsLog, measure_peak_flops, model_flops_utilization, total_peak_flops
-from llmopt_jax.train.optim import learning_rate_schedule, make_optimizer
+from llmopt_jax.train.optim import fit_warmup, learning_rate_schedule, make_optimizer
 from llmopt_jax.train.step import batch_sharding, init_train_state, jit_train_step
 
 
 def optimizer_config(config: ConfigDict) -> dict:
-    """The ``optim`` section with ``total_steps`` defaulting to ``train.steps``."""
+    """The ``optim`` section with ``total_steps`` defaulting to ``train.steps`` and ``warmup_steps`` shrunk to fit
+    a run shorter than it (:func:`~llmopt_jax.train.optim.fit_warmup`)."""
     optim = dict(config.optim)
     if int(optim.get("total_steps", 0)) <= 0:
         optim["total_steps"] = int(config.train.steps)
+    optim["warmup_steps"] = fit_warmup(optim["warmup_steps"], optim["total_steps"])
     return optim
 
 
@@ -125,6 +128,10 @@ def train(config: ConfigDict, workdir: str) -> dict:
     rules = normalize_rules(config.sharding_rules)
     check_batch_fits_mesh(micro, mesh, rules)
     optim_cfg = optimizer_config(config)
+    if optim_cfg["warmup_steps"] != int(config.optim.warmup_steps) and jax.process_index() == 0:
+        print(f"note: optim.warmup_steps={int(config.optim.warmup_steps)} does not fit a run of "
+              f"{optim_cfg['total_steps']} steps: warming up over {optim_cfg['warmup_steps']} steps",
+              file=sys.stderr, flush=True)
     optimizer = make_optimizer(optim_cfg)
     schedule = learning_rate_schedule(optim_cfg)
     data = WindowBatches(tokens, seq_len, micro * accum, seed=int(config.seed))
@@ -215,6 +222,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
         "flops_per_token": flops_per_token,
         "peak_flops_per_s": peak,
         "resumed_from_step": start,
+        "warmup_steps": optim_cfg["warmup_steps"],  # after fitting a short run
         "mesh": describe(mesh),
         "backend": jax.default_backend(),
         "num_processes": jax.process_count(),

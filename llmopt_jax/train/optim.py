@@ -11,6 +11,13 @@ from flax import nnx
 from llmopt_jax.errors import ConfigError
 
 
+def fit_warmup(warmup_steps: int, total_steps: int) -> int:
+    """The warmup a schedule of ``total_steps`` uses: ``warmup_steps`` when it is shorter than the run, else half
+    the run (a short run of a preset, e.g. the smoke preset at ``train.steps=5``, still warms up, then decays)."""
+    warmup_steps, total_steps = int(warmup_steps), int(total_steps)
+    return warmup_steps if warmup_steps < total_steps else total_steps // 2
+
+
 def learning_rate_schedule(cfg: Mapping) -> optax.Schedule:
     """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then cosine decay to
     ``learning_rate * final_lr_fraction`` at ``total_steps``."""

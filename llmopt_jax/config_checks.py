@@ -1,0 +1,112 @@
+"""Checks of config values that run before anything slow (a model load, a compile, a calibration pass).
+
+Each raises :class:`~llmopt_jax.errors.ConfigError` (or :class:`~llmopt_jax.errors.DataError` for a text) with a
+message that names the key and the value at fault; the CLIs print it as one ``error:`` line and exit 2. This
+module imports nothing heavy, so an experiment can call it before its other imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
+
+from llmopt_jax.errors import ConfigError, DataError
+
+_KIND_NAMES = {int: "an integer", float: "a number"}
+_EXAMPLES = {int: "1,8", float: "0.5,0.7", str: "a,b"}
+
+
+def parse_list(value: Any, key: str, kind: Callable[[str], Any] = int, *, positive: bool = False,
+               item: str = "value", example: str | None = None, choices: Sequence[str] | None = None) -> list:
+    """The elements of the comma-separated config value ``value`` (key ``key``), each converted with ``kind``.
+
+    Blank elements are skipped (``"4,"`` is ``[4]``, ``""`` is ``[]``); a number or a list given instead of a
+    string is taken element by element. ``positive``: every element must be > 0 (``item`` names one element in
+    that message: ``a batch must be positive``). ``choices``: the allowed strings. The error names ``key`` and the
+    first bad element, e.g. ``sparsities: 'abc' is not a number (comma-separated list, e.g. 0.5,0.7)``.
+    """
+    example = example or _EXAMPLES.get(kind, "a,b")
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        parts = [str(p).strip() for p in value]
+    else:
+        parts = [str(value).strip()]
+    out = []
+    for part in (p for p in parts if p):
+        try:
+            if kind is int and not part.lstrip("+-").isdigit():  # int("1.5") would fail too, int(1.5) would not
+                raise ValueError(part)
+            element = kind(part)
+        except ValueError:
+            what = _KIND_NAMES.get(kind, f"a valid {item}")
+            raise ConfigError(f"{key}: {part!r} is not {what} (comma-separated list, e.g. {example})") from None
+        if choices is not None and element not in choices:
+            raise ConfigError(f"{key}: unknown {item} {part!r}; choose from {', '.join(choices)}")
+        if positive and not element > 0:
+            raise ConfigError(f"{key}: {part} is not positive: a {item} must be positive "
+                              f"(comma-separated list, e.g. {example})")
+        out.append(element)
+    return out
+
+
+def check_positive(config: Mapping, *keys: str) -> None:
+    """Raises ``ConfigError`` unless every dotted ``key`` of ``config`` holds a number > 0."""
+    for key in keys:
+        value = lookup(config, key)
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be positive")
+
+
+def lookup(config: Mapping, key: str) -> Any:
+    """``config["a"]["b"]`` for ``key="a.b"``."""
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def check_eval_settings(eval_config: Mapping, prefix: str = "eval") -> None:
+    """The ``eval`` block: ``seq_len >= 2``, ``batch_size >= 1``, and every ``*max_windows`` key > 0, or 0 / -1
+    for every window."""
+    if "seq_len" in eval_config and eval_config["seq_len"] < 2:
+        raise ConfigError(f"{prefix}.seq_len={eval_config['seq_len']} must be at least 2 (tokens per window)")
+    if "batch_size" in eval_config and eval_config["batch_size"] < 1:
+        raise ConfigError(f"{prefix}.batch_size={eval_config['batch_size']} must be positive (windows per call)")
+    for key, value in eval_config.items():
+        if key.endswith("max_windows") and value < -1:
+            raise ConfigError(f"{prefix}.{key}={value} must be positive, or 0 / -1 for every window")
+
+
+def check_context(key: str, seq_len: int, max_seq_len: int) -> None:
+    """Raises ``ConfigError`` unless windows of ``seq_len`` tokens fit the model's context ``max_seq_len``."""
+    if not 2 <= seq_len <= max_seq_len:
+        raise ConfigError(f"{key}={seq_len} must be in [2, {max_seq_len}] (the model's context)")
+
+
+def check_text_length(text: str, seq_len: int, what: str, key: str = "eval.seq_len") -> None:
+    """Raises ``DataError`` when ``text`` is certainly shorter than one window of ``seq_len`` tokens, before any
+    tokenizer is loaded.
+
+    A byte-level BPE token (every GGUF tokenizer we read, and the byte tokenizer) spans at least one byte of the
+    text, and a SentencePiece tokenizer adds at most one prefix token: a text of ``B`` UTF-8 bytes has at most
+    ``B + 1`` tokens. Texts that pass can still be too short once tokenized; the exact check runs on the tokens
+    (:func:`llmopt_jax.eval.perplexity.check_eval_tokens`).
+    """
+    if not text.strip():
+        raise DataError(f"the {what} is empty")
+    size = len(text.encode("utf-8"))
+    if size + 1 < seq_len:
+        raise DataError(f"the {what} has {size} bytes, fewer than one window of {key}={seq_len} tokens: give a "
+                        f"longer text or a smaller {key}")
+
+
+def check_train_settings(config: Mapping) -> None:
+    """The settings of ``configs/train.py`` that would otherwise fail (or silently diverge) mid-run: positive
+    ``train.steps``, ``train.log_every``, ``optim.learning_rate`` and data sizes; ``optim.warmup_steps >= 0``
+    (a warmup longer than the run shrinks to fit, :func:`llmopt_jax.train.optim.fit_warmup`)."""
+    check_positive(config, "train.steps", "train.log_every", "optim.learning_rate", "data.seq_len",
+                   "data.batch_size", "data.grad_accum")
+    for key in ("optim.warmup_steps", "optim.total_steps"):
+        if lookup(config, key) < 0:
+            raise ConfigError(f"{key}={lookup(config, key)} must be >= 0")
