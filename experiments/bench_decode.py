@@ -30,6 +30,17 @@ def parse_packed(spec: str) -> tuple[int, int]:
 
 
 def main(config, workdir):
+    from llmopt_jax.config_checks import parse_list
+    from llmopt_jax.errors import ConfigError
+
+    # Every list and size is checked before JAX starts, the workdir is touched or a model loads.
+    dtypes = parse_list(config.dtypes, "dtypes", str, example="float32,bfloat16")
+    batches = parse_list(config.batches, "batches", int, positive=True, item="batch", example="1,8")
+    packed = [parse_packed(spec) for spec in parse_list(config.packed, "packed", str, example="int8/32,int4/32")]
+    llama_cpp_types = parse_list(config.llama_cpp_types, "llama_cpp_types", str, example="F32,Q8_0,Q4_0")
+    if config.prompt_len < 1 or config.new_tokens < 2 or config.repeats < 1 or not dtypes or not batches:
+        raise ConfigError("bench_decode needs prompt_len >= 1, new_tokens >= 2, repeats >= 1, dtypes and batches")
+
     import importlib.util
     import os
     import tempfile
@@ -43,7 +54,6 @@ def main(config, workdir):
     from benchmarks.plots import plot_decode
     from llmopt_jax.compress.api import compress
     from llmopt_jax.data.text import default_text
-    from llmopt_jax.errors import ConfigError
     from llmopt_jax.infer.roofline import decode_bytes_per_step, measure_memory_bandwidth, tree_bytes
     from llmopt_jax.io.gguf import config_from_gguf, params_from_gguf, read_gguf, resolve_model_path
     from llmopt_jax.io.gguf_write import write_gguf
@@ -51,14 +61,9 @@ def main(config, workdir):
     from llmopt_jax.jsonio import write_json
 
     workdir = cli.prepare_workdir(config, workdir)
-    dtypes = [d for d in config.dtypes.split(",") if d]
-    batches = [int(b) for b in config.batches.split(",") if b]
-    if config.prompt_len < 1 or config.new_tokens < 2 or config.repeats < 1 or not dtypes or not batches:
-        raise ConfigError("bench_decode needs prompt_len >= 1, new_tokens >= 2, repeats >= 1, dtypes and batches")
     bandwidth = measure_memory_bandwidth()
     print(f"memory bandwidth (jitted 1 GiB reduction): {bandwidth / 1e9:.1f} GB/s")
 
-    packed = [parse_packed(spec) for spec in config.packed.split(",") if spec]
     context = config.prompt_len + config.new_tokens // 2  # the mean context of the decode steps: KV bytes per step
     rows = []
     prompt = None
@@ -99,7 +104,7 @@ def main(config, workdir):
         params = params_from_gguf(source, cfg)
         threads = config.threads or os.cpu_count()
         with tempfile.TemporaryDirectory() as tmp:
-            for gguf_type in [t for t in config.llama_cpp_types.split(",") if t]:
+            for gguf_type in llama_cpp_types:
                 path = os.path.join(tmp, f"model-{gguf_type}.gguf")
                 write_gguf(path, cfg, params, tensor_type=gguf_type, metadata_from=source)
                 prefill, decode, tokens = time_llama_cpp(path, prompt, config.new_tokens, config.repeats, threads)

@@ -48,6 +48,9 @@ from llmopt_jax import cli
 
 
 def main(config, workdir):
+    from llmopt_jax.config_checks import parse_list
+
+    sizes = parse_list(config.sizes, "sizes", int, positive=True, item="size", example="512,4096")
     # The harness pins the CPUs before JAX starts its thread pools, so it is imported (and run) first.
     from benchmarks.harness import restrict_cpus, torch_timer
 
@@ -59,13 +62,13 @@ def main(config, workdir):
     from llmopt_jax.errors import ConfigError
     from llmopt_jax.jsonio import write_json
 
-    workdir = cli.prepare_workdir(config, workdir)
-    sizes = [int(s) for s in config.sizes.split(",") if s.strip()]
-    patterns = [parse_pattern(config.sparsity, p.strip()) for p in config.patterns.split(",") if p.strip()]
+    patterns = [parse_pattern(config.sparsity, p)
+                for p in parse_list(config.patterns, "patterns", str, item="pattern", example="unstructured,2:4")]
     if config.repeats < 1 or config.model_repeats < 1 or any(n < 8 for n in sizes) or config.tokens < 0:
         raise ConfigError("bench_prune needs repeats >= 1, model_repeats >= 1, sizes >= 8 and tokens >= 0")
     if config.cpus < 0 or config.model_layers < 0:
         raise ConfigError("bench_prune needs cpus >= 0 and model_layers >= 0 (0 = all)")
+    workdir = cli.prepare_workdir(config, workdir)
     print(f"{cpu_count} CPU(s) in use", flush=True)
     timer = torch_timer(config, cpu_count, prune_rows.load_sparsegpt_torch, warmup_args=(0.5,))
 

@@ -45,6 +45,10 @@ def mode_key(mode: str, n: int) -> str:
 
 
 def main(config, workdir):
+    from llmopt_jax.config_checks import parse_list
+
+    sizes = parse_list(config.sizes, "sizes", int, positive=True, item="size", example="576,1536")
+    modes = parse_list(config.modes, "modes", str, item="mode", example="4/-1,3/64/act")
     # The harness pins the CPUs before JAX starts its thread pools, so it is imported (and run) first.
     from benchmarks.harness import restrict_cpus, torch_timer
 
@@ -58,15 +62,13 @@ def main(config, workdir):
     from llmopt_jax.errors import ConfigError
     from llmopt_jax.jsonio import write_json
 
-    workdir = cli.prepare_workdir(config, workdir)
-    sizes = [int(s) for s in config.sizes.split(",") if s.strip()]
-    modes = [m.strip() for m in config.modes.split(",") if m.strip()]
     grids = {m: (QuantGrid(*parse_mode(m)[:2], symmetric=config.symmetric), parse_mode(m)[2]) for m in modes}
     if config.repeats < 1 or not sizes or any(n < 8 for n in sizes) or config.tokens < 0 or config.cpus < 0:
         raise ConfigError("bench_quantize needs repeats >= 1, sizes >= 8, tokens >= 0 and cpus >= 0")
     for n in sizes:
         for grid, _ in grids.values():
             grid.group_width(n)  # a group size that does not divide n: a clear error before anything runs
+    workdir = cli.prepare_workdir(config, workdir)
     print(f"{cpu_count} CPU(s) in use", flush=True)
     timer = torch_timer(config, cpu_count, quantize_rows.load_gptq_torch, warmup_args=(4,))
 

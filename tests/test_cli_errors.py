@@ -181,6 +181,25 @@ def test_calibration_study(tmp_path, overrides, expected):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The benchmarks
+
+@pytest.mark.parametrize("module, overrides, expected", [
+    ("bench_decode", ["--config.batches=abc"], "batches: 'abc' is not an integer (comma-separated list, e.g. 1,8)"),
+    ("bench_decode", ["--config.batches=1,0"], "batches: 0 is not positive: a batch must be positive "
+     "(comma-separated list, e.g. 1,8)"),
+    ("bench_decode", ["--config.packed=int4/x"], "packed row 'int4/x': group size must be an integer"),
+    ("bench_prune", ["--config.sizes=abc"], "sizes: 'abc' is not an integer (comma-separated list, e.g. 512,4096)"),
+    ("bench_prune", ["--config.patterns=2-4"], "pattern must be 'N:M' (e.g. '2:4') or 'unstructured', got '2-4'"),
+    ("bench_quantize", ["--config.sizes=256,abc"], "sizes: 'abc' is not an integer (comma-separated list, e.g. "
+     "576,1536)"),
+    ("bench_quantize", ["--config.sizes=-256"], "sizes: -256 is not positive: a size must be positive "
+     "(comma-separated list, e.g. 576,1536)"),
+])
+def test_benchmarks(tmp_path, module, overrides, expected):
+    check_error(tmp_path, f"experiments.{module}", f"configs/{module}.py:smoke", overrides, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # --help and --print_config
 
 EXPERIMENTS = ["train", "perplexity", "generate", "compress", "sparsegpt_case_study", "quantization_case_study",
