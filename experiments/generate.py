@@ -19,9 +19,9 @@ def main(config, workdir):
     from llmopt_jax.io.load import load_pretrained
     from llmopt_jax.jsonio import write_json
 
-    workdir = cli.prepare_workdir(config, workdir)
-    if config.num_samples < 1:
+    if config.num_samples < 1:  # before the workdir is touched
         raise ConfigError(f"num_samples must be positive, got {config.num_samples}")
+    workdir = cli.prepare_workdir(config, workdir)
     sampling = SamplingConfig(
         greedy=config.greedy, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p
     )

@@ -19,12 +19,15 @@ UNWRITABLE = "/proc"
 
 
 def _inputs(tmp_path) -> dict:
-    """Files the cases refer to: ``{short}`` (a sentence), ``{empty}``, ``{afile}`` (a file used as a workdir)."""
+    """Files the cases refer to: ``{short}`` (a sentence), ``{medium}`` (630 bytes), ``{empty}``, ``{afile}`` (a
+    file used as a workdir)."""
     (tmp_path / "short.txt").write_text("Too short to evaluate on.\n")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "afile").write_text("not a directory")
+    # More bytes than a window of 512 tokens, fewer tokens: only the tokenizer can tell.
+    (tmp_path / "medium.txt").write_text("The quick brown fox jumps over the lazy dog. " * 14)
     return {"short": tmp_path / "short.txt", "empty": tmp_path / "empty.txt", "afile": tmp_path / "afile",
-            "tmp": tmp_path, "unwritable": UNWRITABLE}
+            "medium": tmp_path / "medium.txt", "tmp": tmp_path, "unwritable": UNWRITABLE}
 
 
 def check_error(tmp_path, module, preset, overrides, expected, *, workdir=None, created=False, timeout=300):
@@ -51,17 +54,24 @@ def check_error(tmp_path, module, preset, overrides, expected, *, workdir=None, 
 # ---------------------------------------------------------------------------------------------------------------
 # experiments.train
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["--config.train.log_every=0"], "train.log_every=0 must be positive"),
-    (["--config.optim.learning_rate=-0.001"], "optim.learning_rate=-0.001 must be positive"),
-    (["--config.optim.learning_rate=0"], "optim.learning_rate=0.0 must be positive"),
-    (["--config.optim.warmup_steps=-1"], "optim.warmup_steps=-1 must be >= 0"),
-    (["--config.train.steps=0"], "train.steps=0 must be positive"),
-    ([], "--workdir {afile} is a file, not a directory"),
+@pytest.mark.parametrize("overrides, expected, workdir", [
+    (["--config.train.log_every=0"], "train.log_every=0 must be positive", None),
+    (["--config.optim.learning_rate=-0.001"], "optim.learning_rate=-0.001 must be positive", None),
+    (["--config.optim.learning_rate=0"], "optim.learning_rate=0.0 must be positive", None),
+    (["--config.optim.warmup_steps=-1"], "optim.warmup_steps=-1 must be >= 0", None),
+    (["--config.train.steps=0"], "train.steps=0 must be positive", None),
+    ([], "--workdir {afile} is a file, not a directory", "{afile}"),
+    ([], "workdir {unwritable} is not writable (cannot create {unwritable}/.lock: No such file or directory)",
+     "{unwritable}"),
 ])
-def test_train(tmp_path, overrides, expected):
-    workdir = "{afile}" if "is a file" in expected else None
-    check_error(tmp_path, "experiments.train", "configs/train.py:smoke", overrides, expected, workdir=workdir)
+def test_train(tmp_path, overrides, expected, workdir):
+    check_error(tmp_path, "experiments.train", "configs/train.py:smoke", overrides, expected, workdir=workdir,
+                created=workdir == "{unwritable}")  # it exists already
+
+
+def test_generate(tmp_path):
+    check_error(tmp_path, "experiments.generate", "configs/generate.py:smoke", ["--config.num_samples=0"],
+                "num_samples must be positive, got 0")
 
 
 @pytest.mark.slow
@@ -119,6 +129,9 @@ def test_compress(tmp_path, overrides, expected):
 
 @pytest.mark.parametrize("overrides, expected", [
     (["--config.sparsities=abc"], "sparsities: 'abc' is not a number (comma-separated list, e.g. 0.5,0.7)"),
+    # Only the tokenizer can tell: this one loads the model (~10 s) and fails before any calibration.
+    (["--config.eval.far_text_file={medium}"], "the far evaluation text {medium} (eval.far_text_file) has 141 "
+     "tokens, fewer than one window of eval.seq_len=512: give a longer text or a smaller eval.seq_len"),
     (["--config.sparsities=0.5,x"], "sparsities: 'x' is not a number (comma-separated list, e.g. 0.5,0.7)"),
     (["--config.patterns=2-4"], "pattern must be 'N:M' (e.g. '2:4') or 'unstructured', got '2-4'"),
     (["--config.eval.close_text_file={short}"], "the close evaluation text {short} (eval.close_text_file) has 26 "
@@ -130,7 +143,7 @@ def test_compress(tmp_path, overrides, expected):
 def test_sparsegpt_case_study(tmp_path, overrides, expected):
     workdir = "{afile}" if "is a file" in expected else None
     check_error(tmp_path, "experiments.sparsegpt_case_study", "configs/sparsegpt_case_study.py:smoke", overrides,
-                expected, workdir=workdir)
+                expected, workdir=workdir, created="tokens, fewer" in expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------
