@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: tqdm.auto needs ipywidgets in notebooks and warns without it
 
 from llmopt_jax.compress.hessian import InputStats
 from llmopt_jax.errors import ConfigError

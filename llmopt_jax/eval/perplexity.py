@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: tqdm.auto needs ipywidgets in notebooks and warns without it
 
 from llmopt_jax.data.text import token_windows
 from llmopt_jax.errors import ConfigError, DataError
