@@ -155,7 +155,7 @@ def _layers(params: Mapping) -> tuple[list[Mapping], bool]:
         return [{mod: {p: a[i] for p, a in leaves.items()} for mod, leaves in arrays.items()}
                 for i in range(count)], True
     if isinstance(layers, Mapping):
-        return [layers[i] for i in sorted(layers)], False
+        return [layers[i] for i in sorted(layers, key=int)], False  # "10" after "2" when the keys are strings
     return list(layers), False
 
 
