@@ -1,10 +1,18 @@
-"""Test setup: 8 fake CPU devices for sharding tests, float32 matmuls at full precision, helpers."""
+"""Test setup: 8 fake CPU devices for sharding tests, float32 matmuls at full precision, a shared XLA compilation
+cache, helpers and the fixtures several modules share (the tiny model config, the real SmolLM2 read once)."""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The persistent compilation cache the CLIs use (llmopt_jax.cli.enable_compilation_cache), also for this process,
+# pytest-xdist workers and notebook kernels (they inherit the environment): an executable compiled once is reused
+# by every later test, worker and run. LLMOPT_JAX_COMPILATION_CACHE=off turns it off here as in the CLIs.
+_cache = os.environ.get("LLMOPT_JAX_COMPILATION_CACHE", os.path.join("~", ".cache", "llmopt_jax", "xla"))
+if _cache.strip().lower() not in ("", "off", "0", "none"):
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser(_cache))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
@@ -13,9 +21,15 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from llmopt_jax.models.config import ModelConfig  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tiny model most unit tests use (modules that need another shape say so with dataclasses.replace): one shape,
+# so the executables compiled for it are shared across modules through the compilation cache.
+TINY_CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=64)
 
 
 def load_config(name: str, preset: str):
@@ -43,8 +57,28 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
+def tiny_cfg() -> ModelConfig:
+    """:data:`TINY_CFG`, the tiny model config (frozen: ``dataclasses.replace`` it for another shape)."""
+    return TINY_CFG
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), loaded once per test session."""
     from llmopt_jax.io.load import load_pretrained
 
     return load_pretrained("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M's GGUF read once per session: ``(GGUFFile, ModelConfig, float32 NumPy parameter tree)``, the
+    parts ``load_pretrained`` assembles, for tests of the readers and writers. Read-only: copy before changing."""
+    from llmopt_jax.io.gguf import config_from_gguf, params_from_gguf, read_gguf, resolve_model_path
+
+    f = read_gguf(resolve_model_path("smollm2-135m"))
+    cfg = config_from_gguf(f)
+    pure = params_from_gguf(f, cfg)
+    for leaf in jax.tree.leaves(pure):
+        leaf.flags.writeable = False  # shared by several tests: a test that writes into it fails, not its neighbours
+    return f, cfg, pure

@@ -9,16 +9,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from conftest import TINY_CFG
 from llmopt_jax.compress.calibrate import auto_batch_size, compress_sequentially, kernel_to_matrix, measured_sparsity
 from llmopt_jax.compress.prune import magnitude_prune, parse_pattern
 from llmopt_jax.compress.recipe import chain, from_recipe, magnitude, sparsegpt, wanda
 from llmopt_jax.errors import ConfigError
-from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.models.layout import layer_params, stack_layers
 from llmopt_jax.parallel.sharded_init import init_model, load_params
 
-CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=64,
-                  scan_layers=False)
+CFG = dataclasses.replace(TINY_CFG, scan_layers=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """Generation: cached prefill/decode equals a full forward per token; sampling; compile-once; stops; seeds."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -7,12 +9,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from conftest import TINY_CFG
 from llmopt_jax.errors import ConfigError
 from llmopt_jax.infer.generate import Generator, SamplingConfig, bucket_length, sample_logits
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.parallel.sharded_init import init_model
 
-CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=128)
+CFG = dataclasses.replace(TINY_CFG, max_seq_len=128)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ from llmopt_jax.parallel.sharded_init import load_params
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    f = read_gguf(resolve_model_path("smollm2-135m"))
-    cfg = config_from_gguf(f)
-    graphdef, params = load_params(cfg, params_from_gguf(f, cfg))
+def smollm2(smollm2_gguf):
+    f, cfg, pure = smollm2_gguf  # read_gguf, config_from_gguf and params_from_gguf, once per session (conftest)
+    graphdef, params = load_params(cfg, pure)
     return f, cfg, graphdef, params
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmopt_jax.io.gguf import GGUFError, config_from_gguf, params_from_gguf, read_gguf, resolve_model_path
+from llmopt_jax.io.gguf import GGUFError, config_from_gguf, params_from_gguf, read_gguf
 from llmopt_jax.io.gguf_write import write_gguf
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.parallel.mesh import create_mesh
@@ -197,11 +197,9 @@ def test_reading_a_tensor_type_gguf_cannot_dequantize_names_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_written(tmp_path_factory):
+def smollm2_written(tmp_path_factory, smollm2_gguf):
     """SmolLM2-135M (Q4_1, dequantized on read) written back as F32 with its tokenizer, and read again."""
-    f = read_gguf(resolve_model_path("smollm2-135m"))
-    cfg = config_from_gguf(f)
-    params = params_from_gguf(f, cfg)
+    f, cfg, params = smollm2_gguf  # read_gguf, config_from_gguf and params_from_gguf, once per session (conftest)
     path = str(tmp_path_factory.mktemp("gguf") / "smollm2-f32.gguf")
     write_gguf(path, cfg, params, metadata_from=f)
     return f, cfg, params, path

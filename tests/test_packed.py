@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import TINY_CFG
 from llmopt_jax.compress.calibrate import KERNEL_INPUT_DIMS, compress_sequentially, kernel_to_matrix
 from llmopt_jax.compress.packed import (
     PackedTensor, block_bits_per_weight, block_linear_sizes, pack_codes, pack_embedding, pack_matrix, pack_params, packed_dot_general, packed_model,
@@ -67,7 +68,7 @@ def test_packed_matmul_equals_dequantized_matmul(grid, kernel_shape, n_in):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=64)
+CFG = TINY_CFG
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["scan", "list"])

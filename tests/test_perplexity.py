@@ -6,14 +6,14 @@ import pytest
 import jax
 from flax import nnx
 
+from conftest import TINY_CFG
 from llmopt_jax.data.text import token_windows
 from llmopt_jax.errors import ConfigError, DataError, ShardingError
 from llmopt_jax.eval.perplexity import evaluate_perplexity
-from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.parallel.mesh import create_mesh
 from llmopt_jax.parallel.sharded_init import init_model, load_params
 
-CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=64)
+CFG = TINY_CFG
 
 
 def numpy_perplexity(graphdef, params, tokens, seq_len):

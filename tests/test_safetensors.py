@@ -214,15 +214,13 @@ def test_hand_made_hf_checkpoint_lands_in_the_right_places_and_matches_hf_forwar
                                rtol=1e-4, atol=1e-4)
 
 
-def test_real_smollm2_from_gguf_exports_with_tokenizer(tmp_path):
+def test_real_smollm2_from_gguf_exports_with_tokenizer(tmp_path, smollm2_gguf):
     """SmolLM2-135M from llama.cpp's GGUF (interleaved q/k) -> bf16 HF checkpoint -> same logits and tokens."""
-    from llmopt_jax.io.gguf import config_from_gguf, params_from_gguf, read_gguf, resolve_model_path
     from llmopt_jax.io.tokenizer import tokenizer_from_gguf, tokenizer_from_json
 
-    f = read_gguf(resolve_model_path("smollm2-135m"))
-    cfg = config_from_gguf(f)
+    f, cfg, pure = smollm2_gguf  # read_gguf, config_from_gguf and params_from_gguf, once per session (conftest)
     # Pre-rounded to bf16 so the bf16 export is lossless and only the layout change is tested.
-    pure = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), params_from_gguf(f, cfg))
+    pure = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), pure)
     tok = tokenizer_from_gguf(f)
     write_hf_checkpoint(str(tmp_path / "smol"), cfg, pure, dtype="bfloat16", tokenizer=tok)
     hf_cfg, hf_pure = read_hf_checkpoint(str(tmp_path / "smol"))

@@ -1,6 +1,7 @@
 """SmoothQuant W8A8: smoothing keeps the float function, the int8 matmul matches a NumPy simulation, and
 smoothing lowers the error when a few input channels carry outliers."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import jax
@@ -9,17 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import TINY_CFG
 from llmopt_jax.compress.calibrate import compress_sequentially, kernel_to_matrix
 from llmopt_jax.compress.packed import pack_matrix
 from llmopt_jax.compress.quantize import QuantGrid, rtn_quantize
 from llmopt_jax.compress.smoothquant import smooth_block, smoothing_factors, smoothquant_w8a8, w8a8_dot_general
 from llmopt_jax.errors import ConfigError
-from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.models.decoder import Block
 from llmopt_jax.parallel.sharded_init import init_model, load_params
 
-CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=64,
-                  scan_layers=False)
+CFG = dataclasses.replace(TINY_CFG, scan_layers=False)
 
 
 def np_w8a8(x, w):
