@@ -82,3 +82,12 @@ def smollm2_gguf():
     for leaf in jax.tree.leaves(pure):
         leaf.flags.writeable = False  # shared by several tests: a test that writes into it fails, not its neighbours
     return f, cfg, pure
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with ``slow`` tests (the real model, notebooks, CLI runs) run first, each module's tests still
+    together and in order. With ``pytest -n 2 --dist loadfile --no-loadscope-reorder`` (``make test``) the long
+    modules then start early on both workers and the short ones fill the end, instead of one long module running
+    alone after the other worker has finished."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the order within each group is kept

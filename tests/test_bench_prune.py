@@ -57,6 +57,7 @@ def test_torch_reference_agrees_with_our_solver(rows, cols, blocksize, pattern):
     assert abs(err - err_t) <= 1e-3 * err_t, (err, err_t)
 
 
+@pytest.mark.slow
 def test_bench_prune_smoke_without_torch(tmp_path):
     proc = run_cli(["experiments.bench_prune", "--config=configs/bench_prune.py:smoke", "--config.torch=False",
                     "--config.sizes=256", "--config.model_layers=2", "--config.progress=False",

@@ -16,6 +16,7 @@ from conftest import ROOT, load_config, run_cli
 QUIET = ["--config.train.progress=False"]
 
 
+@pytest.mark.slow
 def test_smoke_preset_trains_and_writes_results(tmp_path):
     t0 = time.time()
     proc = run_cli(["experiments.train", "--config=configs/train.py:smoke", f"--workdir={tmp_path}"])
@@ -42,6 +43,7 @@ def _checkpoint_steps(workdir):
     return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     steps = 300
     args = ["experiments.train", "--config=configs/train.py:tiny", f"--config.train.steps={steps}",

@@ -251,6 +251,7 @@ def lone_run(tmp_path_factory):
     return workdir, json.loads((workdir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_second_run_on_a_busy_workdir_exits_at_once(tmp_path, lone_run):
     args = ["-m", "experiments.train", *SMALL, "--config.train.steps=12", f"--workdir={tmp_path}"]
     # The first run compiles while the second starts; on 2 cores it yields to the one whose latency we measure.
@@ -274,6 +275,7 @@ def test_second_run_on_a_busy_workdir_exits_at_once(tmp_path, lone_run):
     assert json.loads((tmp_path / "results.json").read_text())["final_loss"] == lone_run[1]["final_loss"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_extends_steps(tmp_path, lone_run):
     workdir = tmp_path / "w"
     shutil.copytree(lone_run[0], workdir)
@@ -316,6 +318,7 @@ def _interrupted_line(output: str) -> tuple[int, int]:
     return n, m
 
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_stop_training_cleanly_and_the_same_command_resumes(tmp_path):
     steps = 100  # the signals come at steps 6 to ~20: far enough from the end whatever the load
     args = ["-m", "experiments.train", *SMALL, f"--config.train.steps={steps}", "--config.train.checkpoint_every=5",
