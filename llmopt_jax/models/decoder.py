@@ -61,11 +61,14 @@ class Block(nnx.Module):
         positions: jax.Array,
         kv: tuple[jax.Array, jax.Array] | None = None,
         cache_starts: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """``x`` ``[B, L, D]`` at ``positions`` ``[B, L]`` -> ``([B, L, D], updated kv)``.
 
         With ``kv`` (this layer's cache, ``[B, S, K, hd]`` each) the new keys/values are written at
         ``cache_starts`` ``[B]`` and attention runs over the whole cache; slot ``j`` holds position ``j``.
+        ``segment_ids`` int ``[B, L]`` (no cache; packed documents, ``data/packing.py``) also masks attention
+        between tokens of different segments.
         """
         cfg, c = self.cfg, self.constrain
         h = self.attn_norm(x)
@@ -82,6 +85,8 @@ class Block(nnx.Module):
             slots = jnp.arange(keys.shape[1], dtype=positions.dtype)
             k_positions = jnp.broadcast_to(slots, (x.shape[0], keys.shape[1]))
         mask = causal_mask(positions, k_positions)
+        if segment_ids is not None and kv is None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         attn = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask, cfg.attention)
         x = x + self.o_proj(attn)
         x = c(x, ACT_HIDDEN)
@@ -141,6 +146,7 @@ class Decoder(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         logit_index: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """``tokens`` int ``[B, L]`` -> (logits float32 ``[B, L, vocab]``, updated cache or None).
 
@@ -148,6 +154,8 @@ class Decoder(nnx.Module):
         at ``cache.lengths`` and the returned cache has ``lengths + L``. ``logit_index`` int ``[B]`` computes
         logits only at that position of each sequence (``[B, 1, vocab]``): a prefill needs just the last
         prompt position, and the vocabulary projection is the largest matmul of a short sequence.
+        ``segment_ids`` int ``[B, L]`` (no cache) keeps packed documents from attending to each other; pass
+        positions that restart per segment with them (``data.packing.segment_positions``).
         """
         b, l = tokens.shape
         if cache is not None:
@@ -155,7 +163,7 @@ class Decoder(nnx.Module):
         elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
         x = self.constrain(self.embed(tokens), ACT_HIDDEN)
-        x, new_kv = self._run_layers(x, positions, cache)
+        x, new_kv = self._run_layers(x, positions, cache, segment_ids)
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)
         x = self.final_norm(x)
@@ -165,11 +173,11 @@ class Decoder(nnx.Module):
             return logits, None
         return logits, KVCache(keys=new_kv[0], values=new_kv[1], lengths=cache.lengths + l)
 
-    def _run_layers(self, x, positions, cache: KVCache | None):
+    def _run_layers(self, x, positions, cache: KVCache | None, segment_ids: jax.Array | None = None):
         starts = None if cache is None else cache.lengths
 
         def block_fn(graphdef, block_state, x, kv):
-            return nnx.merge(graphdef, block_state)(x, positions, kv, starts)
+            return nnx.merge(graphdef, block_state)(x, positions, kv, starts, segment_ids)
 
         if self.cfg.remat != "none":
             block_fn = jax.checkpoint(

@@ -1,4 +1,10 @@
-"""The training state and a jitted, sharded train step with in-step gradient accumulation."""
+"""The training state and a jitted, sharded train step with in-step gradient accumulation.
+
+A token batch is an int ``[..., L+1]`` array of windows, or a dict ``{"tokens", "segment_ids"}`` of packed
+documents (``data/packing.py``): then positions restart per document, attention and the loss stay inside each
+document. Fine-tuning (``peft/lora.py``) trains only the ``params`` of the state while a frozen base rides along as
+a separate argument: ``combine(frozen, params, rng_step)`` builds the model's parameters from both.
+"""
 
 from __future__ import annotations
 
@@ -24,34 +30,69 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean(nll)
 
 
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, windows: jax.Array) -> jax.Array:
-    """Language-modelling loss of ``windows`` int ``[B, L+1]``: predict tokens ``1..L`` from ``0..L-1``."""
+def token_nll(params: nnx.State, graphdef: nnx.GraphDef, batch) -> tuple[jax.Array, jax.Array]:
+    """``(nll, weights)`` float32 ``[B, L]`` of a batch's windows ``[B, L+1]`` (array or packed dict): the NLL of
+    each target ``1..L`` and whether it counts (always, unless packed: then only inside its own document)."""
+    from llmopt_jax.data.packing import segment_positions, target_weights
+
+    model = nnx.merge(graphdef, params)
+    if isinstance(batch, dict):
+        tokens, segments = batch["tokens"], batch["segment_ids"]
+        inputs = segments[:, :-1]
+        logits, _ = model(tokens[:, :-1], positions=segment_positions(inputs), segment_ids=inputs)
+        weights = target_weights(segments)
+    else:
+        tokens = batch
+        logits, _ = model(tokens[:, :-1])
+        weights = jnp.ones(tokens[:, 1:].shape, jnp.float32)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    return nll, weights
+
+
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, windows, frozen=None, combine: Callable | None = None,
+            rng_step: jax.Array | None = None) -> jax.Array:
+    """Language-modelling loss of ``windows`` int ``[B, L+1]``: predict tokens ``1..L`` from ``0..L-1``.
+
+    Packed windows (a dict, see the module docstring) average over the targets inside documents only. With
+    ``combine`` the model runs on ``combine(frozen, params, rng_step)`` (e.g. a frozen base with LoRA adapters).
+    """
+    if combine is not None:
+        params = combine(frozen, params, rng_step)
+    if isinstance(windows, dict):
+        nll, weights = token_nll(params, graphdef, windows)
+        return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
     model = nnx.merge(graphdef, params)
     logits, _ = model(windows[:, :-1])
     return cross_entropy(logits, windows[:, 1:])
 
 
 def train_step(
-    state: TrainState, batch: jax.Array, *, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
+    state: TrainState, batch, frozen=None, *, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+    combine: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on ``batch`` int ``[accum, micro_batch, L+1]``.
+    """One optimizer step on ``batch`` int ``[accum, micro_batch, L+1]`` (or a packed dict of such arrays).
 
     Gradients of the ``accum`` micro-batches are averaged in float32 under ``lax.scan`` (memory of one
-    micro-batch), which equals one step on the concatenated batch.
+    micro-batch), which equals one step on the concatenated batch. With ``combine`` only ``state["params"]`` are
+    trained, on the model ``combine(frozen, params, rng_step)``; ``rng_step`` (``step·accum + micro-batch``)
+    seeds anything random in it, such as LoRA dropout.
     """
     params = state["params"]
     grad_fn = jax.value_and_grad(loss_fn)
-    accum = batch.shape[0]
+    accum = jax.tree.leaves(batch)[0].shape[0]
+    first_rng = state["step"] * accum
     if accum == 1:
-        loss, grads = grad_fn(params, graphdef, batch[0])
+        loss, grads = grad_fn(params, graphdef, jax.tree.map(lambda x: x[0], batch), frozen, combine, first_rng)
     else:
 
-        def micro(carry, windows):
-            loss, grads = grad_fn(params, graphdef, windows)
+        def micro(carry, xs):
+            windows, i = xs
+            loss, grads = grad_fn(params, graphdef, windows, frozen, combine, first_rng + i)
             return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, (loss, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-        (loss, grads), _ = jax.lax.scan(micro, zeros, batch)
+        (loss, grads), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum, dtype=jnp.int32)))
         loss = loss / accum
         grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
@@ -106,17 +147,23 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
 
 def jit_train_step(
     graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, state_shardings, mesh: Mesh,
-    rules: Rules = DEFAULT_RULES,
-) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """:func:`train_step` jitted with explicit in/out shardings; the old state is donated."""
+    rules: Rules = DEFAULT_RULES, *, combine: Callable | None = None, frozen_shardings=None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """:func:`train_step` jitted with explicit in/out shardings; the old state is donated.
+
+    Without ``combine`` the step is ``step(state, batch)``; with it, ``step(state, batch, frozen)`` where
+    ``frozen`` (placed as ``frozen_shardings``) is read, never donated or updated."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    if combine is None:
 
-    def step(state, batch):
-        return train_step(state, batch, graphdef=graphdef, optimizer=optimizer)
+        def step(state, batch):
+            return train_step(state, batch, graphdef=graphdef, optimizer=optimizer)
 
-    return jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_sharding(mesh, rules)),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
+        in_shardings = (state_shardings, batch_sharding(mesh, rules))
+    else:
+
+        def step(state, batch, frozen):
+            return train_step(state, batch, frozen, graphdef=graphdef, optimizer=optimizer, combine=combine)
+
+        in_shardings = (state_shardings, batch_sharding(mesh, rules), frozen_shardings)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
