@@ -14,6 +14,8 @@ from llmopt_jax.errors import ConfigError
 ATTENTION_IMPLS = ("xla", "xla_causal", "dot_product", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MOE_DISPATCH = ("dropless", "capacity")
+MOE_GATING = ("softmax_topk", "switch", "unit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,17 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"
     init_std: float = 0.02
+    # Mixture of experts (models/moe.py); num_experts 0 = dense. moe_layers: "all" or comma-separated layer
+    # indices (a subset needs scan_layers=False: scanned layers share one structure). moe_expert_dim 0 = mlp_dim.
+    num_experts: int = 0
+    moe_top_k: int = 2
+    moe_layers: str = "all"
+    moe_expert_dim: int = 0
+    moe_gating: str = "softmax_topk"
+    moe_dispatch: str = "dropless"
+    moe_capacity_factor: float = 1.25
+    moe_z_loss_weight: float = 1e-3
+    moe_load_balance_weight: float = 1e-2
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -63,6 +76,54 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}; choose one of {tuple(DTYPES)}")
+        if self.num_experts:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"model.num_experts={self.num_experts} must be >= 0 (0 = dense)")
+        if not 1 <= self.moe_top_k <= self.num_experts:
+            raise ConfigError(f"model.moe_top_k={self.moe_top_k} must be in 1..num_experts={self.num_experts}")
+        if self.moe_gating not in MOE_GATING:
+            raise ConfigError(f"model.moe_gating={self.moe_gating!r}; choose one of {MOE_GATING}")
+        if self.moe_gating == "switch" and self.moe_top_k != 1:
+            raise ConfigError(f"model.moe_gating='switch' routes each token to one expert; got moe_top_k={self.moe_top_k}")
+        if self.moe_dispatch not in MOE_DISPATCH:
+            raise ConfigError(f"model.moe_dispatch={self.moe_dispatch!r}; choose one of {MOE_DISPATCH}")
+        if self.moe_capacity_factor <= 0:
+            raise ConfigError(f"model.moe_capacity_factor={self.moe_capacity_factor} must be positive")
+        if self.moe_expert_dim < 0:
+            raise ConfigError(f"model.moe_expert_dim={self.moe_expert_dim} must be >= 0 (0 = mlp_dim)")
+        layers = self.moe_layer_indices()
+        if not layers:
+            raise ConfigError(f"model.moe_layers={self.moe_layers!r} selects no layer")
+        if self.scan_layers and len(layers) != self.num_layers:
+            raise ConfigError(f"model.moe_layers={self.moe_layers!r} routes only some layers: set "
+                              "model.scan_layers=False (scanned layers share one structure)")
+
+    @property
+    def expert_dim(self) -> int:
+        """Hidden size of one expert's SwiGLU MLP."""
+        return self.moe_expert_dim or self.mlp_dim
+
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        """Indices of the layers with a routed MLP (``()`` for a dense model)."""
+        if not self.num_experts:
+            return ()
+        spec = str(self.moe_layers).strip()
+        if spec == "all":
+            return tuple(range(self.num_layers))
+        try:
+            layers = sorted({int(part) for part in spec.split(",") if part.strip()})
+        except ValueError:
+            raise ConfigError(f"model.moe_layers={self.moe_layers!r}: give 'all' or comma-separated layer indices") from None
+        bad = [i for i in layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(f"model.moe_layers={self.moe_layers!r}: layer(s) {bad} outside 0..{self.num_layers - 1}")
+        return tuple(layers)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return index in self.moe_layer_indices()
 
     @property
     def compute_dtype(self):
@@ -82,17 +143,26 @@ class ModelConfig:
             raise ConfigError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**values)
 
+    def _mlp_params(self, active: bool) -> int:
+        """MLP parameters summed over layers; ``active``: only the ``moe_top_k`` experts a token runs (+ router)."""
+        dense = 3 * self.d_model * self.mlp_dim
+        n_moe = len(self.moe_layer_indices())
+        experts = self.moe_top_k if active else self.num_experts
+        routed = 3 * self.d_model * self.expert_dim * experts + self.d_model * self.num_experts
+        return (self.num_layers - n_moe) * dense + n_moe * routed
+
     def num_params(self) -> int:
-        """Parameter count (embeddings counted once when tied)."""
-        d, h, k, hd, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
-        per_layer = d * hd * (2 * h + 2 * k) + 3 * d * f + 2 * d
+        """Parameter count (embeddings counted once when tied; all experts)."""
+        d, h, k, hd = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
+        per_layer = d * hd * (2 * h + 2 * k) + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.num_layers * per_layer + embed + d
+        return self.num_layers * per_layer + self._mlp_params(active=False) + embed + d
 
     def matmul_params(self) -> int:
-        """Parameters that take part in a matmul per token: all linear kernels plus the LM head."""
-        d, h, k, hd, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
-        return self.num_layers * (d * hd * (2 * h + 2 * k) + 3 * d * f) + self.vocab_size * d
+        """Parameters that take part in a matmul per token: all linear kernels plus the LM head (for a MoE, the
+        router and the ``moe_top_k`` experts a token is routed to)."""
+        d, h, k, hd = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
+        return self.num_layers * d * hd * (2 * h + 2 * k) + self._mlp_params(active=True) + self.vocab_size * d
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Model FLOPs per trained token (forward + backward), PaLM appendix B convention.

@@ -15,6 +15,7 @@ from llmopt_jax.models.attention import attention, causal_mask
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.models.kv_cache import KVCache, write_kv
 from llmopt_jax.models.layers import ActivationConstraint, DotGeneral, Embed, Linear, RMSNorm, no_constraint
+from llmopt_jax.models.moe import MoeMLP, combine_aux
 from llmopt_jax.models.rope import apply_rope
 
 ACT_HIDDEN = ("act_batch", "act_length", "act_embed")
@@ -26,7 +27,11 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    """One pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """One pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    ``moe`` (default: every layer of a MoE config) replaces the dense SwiGLU MLP with routed experts
+    (``self.moe``, :class:`~llmopt_jax.models.moe.MoeMLP`).
+    """
 
     def __init__(
         self,
@@ -35,9 +40,11 @@ class Block(nnx.Module):
         rngs: nnx.Rngs,
         dot_general: DotGeneral = jax.lax.dot_general,
         constrain: ActivationConstraint = no_constraint,
+        moe: bool | None = None,
     ):
         self.cfg = cfg
         self.constrain = constrain
+        self.is_moe = bool(cfg.num_experts) if moe is None else moe
         d, h, k, hd, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
         dense = dict(
             dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs, dot_general=dot_general
@@ -51,6 +58,9 @@ class Block(nnx.Module):
         self.v_proj = Linear((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), init_std=cfg.init_std, **dense)
         self.o_proj = Linear((h, hd), (d,), ("heads", "head_dim"), ("embed",), init_std=out_std, **dense)
         self.mlp_norm = RMSNorm(d, **norm)
+        if self.is_moe:
+            self.moe = MoeMLP(cfg, rngs=rngs, dot_general=dot_general, constrain=constrain)
+            return
         self.gate_proj = Linear((d,), (f,), ("embed",), ("mlp",), init_std=cfg.init_std, **dense)
         self.up_proj = Linear((d,), (f,), ("embed",), ("mlp",), init_std=cfg.init_std, **dense)
         self.down_proj = Linear((f,), (d,), ("mlp",), ("embed",), init_std=out_std, **dense)
@@ -61,12 +71,14 @@ class Block(nnx.Module):
         positions: jax.Array,
         kv: tuple[jax.Array, jax.Array] | None = None,
         cache_starts: jax.Array | None = None,
+        return_aux: bool = False,
         segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """``x`` ``[B, L, D]`` at ``positions`` ``[B, L]`` -> ``([B, L, D], updated kv)``.
 
         With ``kv`` (this layer's cache, ``[B, S, K, hd]`` each) the new keys/values are written at
         ``cache_starts`` ``[B]`` and attention runs over the whole cache; slot ``j`` holds position ``j``.
+        ``return_aux`` appends the routed MLP's :class:`~llmopt_jax.models.moe.MoeAux` (``None`` when dense).
         ``segment_ids`` int ``[B, L]`` (no cache; packed documents, ``data/packing.py``) also masks attention
         between tokens of different segments.
         """
@@ -91,9 +103,16 @@ class Block(nnx.Module):
         x = x + self.o_proj(attn)
         x = c(x, ACT_HIDDEN)
         h = self.mlp_norm(x)
-        gated = jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)
-        gated = c(gated, ("act_batch", "act_length", "act_mlp"))
-        x = x + self.down_proj(gated)
+        aux = None
+        if self.is_moe:
+            y, aux = self.moe(h)
+            x = x + y
+        else:
+            gated = jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)
+            gated = c(gated, ("act_batch", "act_length", "act_mlp"))
+            x = x + self.down_proj(gated)
+        if return_aux:
+            return c(x, ACT_HIDDEN), new_kv, aux
         return c(x, ACT_HIDDEN), new_kv
 
 
@@ -128,8 +147,10 @@ class Decoder(nnx.Module):
         if cfg.scan_layers:
             self.layers = _stacked_blocks(cfg, rngs, dot_general, constrain)
         else:
+            moe_layers = cfg.moe_layer_indices()
             self.layers = nnx.List(
-                [Block(cfg, rngs=rngs, dot_general=dot_general, constrain=constrain) for _ in range(cfg.num_layers)]
+                [Block(cfg, rngs=rngs, dot_general=dot_general, constrain=constrain, moe=i in moe_layers)
+                 for i in range(cfg.num_layers)]
             )
         self.final_norm = RMSNorm(
             cfg.d_model, eps=cfg.rms_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs
@@ -163,7 +184,7 @@ class Decoder(nnx.Module):
         elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
         x = self.constrain(self.embed(tokens), ACT_HIDDEN)
-        x, new_kv = self._run_layers(x, positions, cache, segment_ids)
+        x, new_kv, _ = self._run_layers(x, positions, cache, segment_ids)
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)
         x = self.final_norm(x)
@@ -173,11 +194,29 @@ class Decoder(nnx.Module):
             return logits, None
         return logits, KVCache(keys=new_kv[0], values=new_kv[1], lengths=cache.lengths + l)
 
+    def forward_with_aux(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``tokens`` int ``[B, L]`` at positions ``0..L-1`` -> (logits float32 ``[B, L, vocab]``, MoE metrics).
+
+        The metrics (:func:`~llmopt_jax.models.moe.combine_aux`): ``router_z_loss`` and ``load_balance_loss``
+        averaged over the MoE layers, ``expert_counts`` ``[num_moe_layers, E]``, ``dropped_fraction``; empty
+        for a dense model. Training adds the weighted losses to the cross-entropy.
+        """
+        b, l = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        x = self.constrain(self.embed(tokens), ACT_HIDDEN)
+        x, _, aux = self._run_layers(x, positions, None)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+        logits = self.constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+        return logits, ({} if aux is None else combine_aux(aux))
+
     def _run_layers(self, x, positions, cache: KVCache | None, segment_ids: jax.Array | None = None):
+        """``(x, (keys, values) or None, per-layer MoeAux: stacked, a list, or None when dense)``."""
         starts = None if cache is None else cache.lengths
 
         def block_fn(graphdef, block_state, x, kv):
-            return nnx.merge(graphdef, block_state)(x, positions, kv, starts, segment_ids)
+            return nnx.merge(graphdef, block_state)(x, positions, kv, starts, return_aux=True,
+                                                    segment_ids=segment_ids)
 
         if self.cfg.remat != "none":
             block_fn = jax.checkpoint(
@@ -190,24 +229,27 @@ class Decoder(nnx.Module):
 
             def body(x, layer):
                 block_state, kv = layer
-                x, new_kv = block_fn(graphdef, block_state, x, kv)
-                return x, new_kv
+                x, new_kv, aux = block_fn(graphdef, block_state, x, kv)
+                return x, (new_kv, aux)
 
             kv_in = None if cache is None else (cache.keys, cache.values)
-            x, kv_out = jax.lax.scan(body, x, (state, kv_in))
-            return x, kv_out
+            x, (kv_out, aux) = jax.lax.scan(body, x, (state, kv_in))
+            return x, kv_out, aux
 
-        new_keys, new_values = [], []
+        new_keys, new_values, auxes = [], [], []
         for i, block in enumerate(self.layers):
             graphdef, state = nnx.split(block)
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, new_kv = block_fn(graphdef, state, x, kv)
+            x, new_kv, aux = block_fn(graphdef, state, x, kv)
+            if aux is not None:
+                auxes.append(aux)
             if new_kv is not None:
                 new_keys.append(new_kv[0])
                 new_values.append(new_kv[1])
+        auxes = auxes or None
         if cache is None:
-            return x, None
-        return x, (jnp.stack(new_keys), jnp.stack(new_values))
+            return x, None, auxes
+        return x, (jnp.stack(new_keys), jnp.stack(new_values)), auxes
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens."""

@@ -19,9 +19,14 @@ from llmopt_jax.errors import ConfigError, ShardingError
 
 Rules = Sequence[tuple[str, Any]]
 
-# Parameters shard over fsdp (ZeRO-3) and tensor (Megatron); activations' batch over data+fsdp.
+# Parameters shard over fsdp (ZeRO-3) and tensor (Megatron), experts' weights over expert; activations' batch
+# over data+fsdp+expert (expert-parallel devices hold different tokens outside the MoE layers). Inside a MoE
+# layer the expert inputs [E, G, C, D] put E on the expert axis, so their batch falls back to data+fsdp: the
+# change of layout between the two is the all-to-all of expert parallelism.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("act_batch", ("data", "fsdp", "expert")),
     ("act_batch", ("data", "fsdp")),
+    ("act_expert", "expert"),
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
