@@ -47,7 +47,15 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -
     """Next-token ids int32 ``[B]`` drawn from float32 logits ``[B, V]`` (see :class:`SamplingConfig`)."""
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
+    return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Float32 logits ``[..., V]`` of the distribution :func:`sample_logits` draws from when sampling: divided by
+    the temperature, tokens outside top-k / top-p set to the float32 minimum (speculative decoding needs the
+    probabilities themselves, not just a draw)."""
+    lead = logits.shape[:-1]
+    logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32) / sampling.temperature
     neg_inf = jnp.finfo(jnp.float32).min
     if sampling.top_k > 0:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
@@ -60,7 +68,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -
         kept = jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf)
         threshold = jnp.min(kept, axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, neg_inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits.reshape(*lead, logits.shape[-1])
 
 
 def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
