@@ -23,8 +23,16 @@ RUN_PRESETS = {
     "llama2_7b": dict(steps=1000, seq_len=4096, batch_size=8, grad_accum=1, lr=3e-4, warmup=100, ckpt=100),
     "qat": dict(steps=60, seq_len=256, batch_size=4, grad_accum=1, lr=5e-4, warmup=5, ckpt=10),
     "qat_smoke": dict(steps=3, seq_len=64, batch_size=2, grad_accum=1, lr=1e-4, warmup=1, ckpt=3),
+    "lora": dict(steps=60, seq_len=256, batch_size=4, grad_accum=1, lr=2e-3, warmup=5, ckpt=20),
+    "lora_smoke": dict(steps=3, seq_len=64, batch_size=2, grad_accum=1, lr=2e-3, warmup=1, ckpt=3),
+    "qlora": dict(steps=60, seq_len=256, batch_size=4, grad_accum=1, lr=2e-3, warmup=5, ckpt=20),
+    "qlora_smoke": dict(steps=3, seq_len=64, batch_size=2, grad_accum=1, lr=2e-3, warmup=1, ckpt=3),
 }
 QAT_PRESETS = ("qat", "qat_smoke")
+# LoRA / QLoRA fine-tuning of the pretrained SmolLM2-135M (llmopt_jax/peft): rank-4 adapters on every block linear
+# (0.9 % of the weights), held-out perplexity before/after, the adapter written in PEFT's layout to WORKDIR/adapter.
+LORA_PRESETS = ("lora", "lora_smoke", "qlora", "qlora_smoke")
+PRETRAINED_PRESETS = QAT_PRESETS + LORA_PRESETS
 
 
 def get_config(preset: str = "smoke") -> ConfigDict:
@@ -43,10 +51,10 @@ def get_config(preset: str = "smoke") -> ConfigDict:
             dtype="float32", param_dtype="float32", attention="xla", scan_layers=True, remat="none", init_std=0.02,
         )
     )
-    c.model.update(MODEL_PRESETS["smollm2_135m" if preset in QAT_PRESETS else preset])
+    c.model.update(MODEL_PRESETS["smollm2_135m" if preset in PRETRAINED_PRESETS else preset])
     # A model name or path to continue training from (its architecture and tokenizer replace model/data.tokenizer
     # except for dtype/remat/attention); the trained weights are then also written to WORKDIR/model.
-    c.init_from = "smollm2-135m" if preset in QAT_PRESETS else ""
+    c.init_from = "smollm2-135m" if preset in PRETRAINED_PRESETS else ""
     # Quantization-aware training: the linear layers see their weights rounded to this grid (straight-through
     # gradients); bits 0 = off. Evaluate with RTN at the same grid (experiments/quantization_case_study.py).
     c.qat = ConfigDict(dict(bits=3 if preset in QAT_PRESETS else 0, group_size=-1, symmetric=False))
@@ -60,7 +68,11 @@ def get_config(preset: str = "smoke") -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.text_files = ""  # comma-separated UTF-8 files; empty = pydoc_data.topics
-    c.data.tokenizer = "byte"
+    c.data.tokenizer = "byte"  # or a model name/path: its own tokenizer (init_from's replaces it)
+    # "" = the text as one token stream cut into windows; "files" / "paragraphs" = documents (each file, or the
+    # blank-line-separated paragraphs) packed into windows with EOS separators, positions restarting per document
+    # and attention and loss kept inside each document (llmopt_jax/data/packing.py).
+    c.data.documents = "files" if preset in LORA_PRESETS else ""
     c.data.seq_len = run["seq_len"]
     c.data.batch_size = run["batch_size"]  # global micro-batch, in windows
     c.data.grad_accum = run["grad_accum"]  # micro-batches per optimizer step
@@ -75,7 +87,7 @@ def get_config(preset: str = "smoke") -> ConfigDict:
         )
     )
 
-    if preset in QAT_PRESETS:
+    if preset in PRETRAINED_PRESETS:
         c.optim.weight_decay = 0.0  # fine-tuning a pretrained model: no pull towards zero
 
     c.train = ConfigDict()
@@ -90,4 +102,16 @@ def get_config(preset: str = "smoke") -> ConfigDict:
     # experiments/aot_memory.py: compile the train step for a fake mesh of CPU devices, allocate nothing.
     c.aot = ConfigDict()
     c.aot.num_devices = 8
+
+    if preset in LORA_PRESETS:
+        # Adapters of rank `rank` (scaling alpha/rank, input dropout) on the `targets` linears; base_bits 4 = QLoRA:
+        # the frozen base's block linears held packed (int4, one scale and zero-point per base_group_size inputs).
+        c.lora = ConfigDict(dict(rank=4, alpha=8.0, dropout=0.05,
+                                 targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                 base_bits=4 if preset.startswith("qlora") else 0, base_group_size=64))
+        # Held-out perplexity before and after (text_file "" = the held-out split of pydoc_data.topics, while the
+        # default training text is its training split; max_windows 0 = every window).
+        smoke = preset.endswith("_smoke")
+        c.eval = ConfigDict(dict(text_file="", seq_len=64 if smoke else 256, batch_size=4,
+                                 max_windows=2 if smoke else 0))
     return c

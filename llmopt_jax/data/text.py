@@ -45,6 +45,18 @@ def default_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+def topics_split(part: str, every: int = 4) -> list[str]:
+    """One split of ``pydoc_data.topics`` as documents (one per topic, in sorted order): ``heldout`` is every
+    ``every``-th topic (the ``every-1``-th, ``2·every-1``-th, ...), ``train`` the others. Fine-tuning's default
+    texts: the same domain, no shared document."""
+    from pydoc_data.topics import topics
+
+    if part not in ("train", "heldout"):
+        raise DataError(f"unknown split {part!r}; choose 'train' or 'heldout'")
+    keys = sorted(topics)
+    return [topics[k] for i, k in enumerate(keys) if (i % every == every - 1) == (part == "heldout")]
+
+
 # Standard-library modules whose docstrings make a held-out English text in the calibration text's domain.
 DOCSTRING_MODULES = (
     "argparse", "collections", "functools", "json", "subprocess", "unittest", "asyncio", "logging", "pathlib",

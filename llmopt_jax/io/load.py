@@ -84,3 +84,17 @@ def load_pretrained(
         )
     graphdef, params = load_params(cfg, pure, mesh, rules)
     return PretrainedModel(cfg=cfg, graphdef=graphdef, params=params, tokenizer=tokenizer, path=path)
+
+
+def load_tokenizer(name_or_path: str) -> GGUFTokenizer:
+    """The tokenizer of a model name (``smollm2-135m``), a GGUF file, a ``tokenizer.json`` or a Hugging Face model
+    directory holding one, without loading any weights."""
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if path.endswith(".json"):
+        return tokenizer_from_json(path)
+    if os.path.isfile(path):
+        return tokenizer_from_gguf(read_gguf(path))
+    raise LlmoptError(f"tokenizer {name_or_path!r} not found: give 'byte', a known model name "
+                      f"({', '.join(MODEL_PACKAGES)}), a GGUF file, a tokenizer.json or a model directory")

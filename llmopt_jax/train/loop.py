@@ -45,9 +45,30 @@ def optimizer_config(config: ConfigDict) -> dict:
 
 
 def make_tokenizer(name: str):
-    if name != "byte":
-        raise ConfigError(f"data.tokenizer={name!r}; only 'byte' is available for training so far")
-    return ByteTokenizer()
+    """``data.tokenizer``: ``byte`` (UTF-8 bytes) or a model name or path whose own BPE tokenizer is loaded
+    (``smollm2-135m``, a GGUF file, a ``tokenizer.json`` or a Hugging Face model directory)."""
+    if name == "byte":
+        return ByteTokenizer()
+    from llmopt_jax.io.load import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def training_batches(config: ConfigDict, tokenizer, seq_len: int, batch_size: int, finetuning: bool = False):
+    """The resumable batch iterator of ``config.data``: with ``data.documents`` (``files`` or ``paragraphs``) the
+    documents are packed with EOS separators and segment ids (``data/packing.py``), else the text is one token
+    stream cut into windows. Fine-tuning's default text is the training split of ``pydoc_data.topics``."""
+    from llmopt_jax.data.packing import PackedBatches, encode_documents, load_documents
+    from llmopt_jax.data.text import topics_split
+
+    mode = config.data.get("documents", "")
+    default = topics_split("train") if finetuning else None
+    if not mode:
+        use_default = default is not None and not config.data.text_files
+        text = "\n\n".join(default) if use_default else load_texts(config.data.text_files)
+        return WindowBatches(np.asarray(tokenizer.encode(text), np.int32), seq_len, batch_size, seed=int(config.seed))
+    docs = encode_documents(tokenizer, load_documents(config.data.text_files, mode, default))
+    return PackedBatches(docs, seq_len, batch_size, int(config.seed), tokenizer.eos_id)
 
 
 def plot_loss(records: list[dict], path: str) -> None:
@@ -122,7 +143,10 @@ def train(config: ConfigDict, workdir: str) -> dict:
         raise ConfigError("data.seq_len, data.batch_size and data.grad_accum must be positive")
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-    tokens = np.asarray(tokenizer.encode(load_texts(config.data.text_files)), np.int32)
+    from llmopt_jax.peft.finetune import lora_enabled
+
+    finetuning = lora_enabled(config)  # LoRA/QLoRA: only adapters train, on a frozen (maybe packed) base
+    data = training_batches(config, tokenizer, seq_len, micro * accum, finetuning)
 
     mesh = create_mesh(config.mesh)
     rules = normalize_rules(config.sharding_rules)
@@ -134,11 +158,19 @@ def train(config: ConfigDict, workdir: str) -> dict:
               file=sys.stderr, flush=True)
     optimizer = make_optimizer(optim_cfg)
     schedule = learning_rate_schedule(optim_cfg)
-    data = WindowBatches(tokens, seq_len, micro * accum, seed=int(config.seed))
-    graphdef, state, shardings = init_train_state(model_cfg, optimizer, mesh, rules, seed=int(config.seed),
-                                                  dot_general=dot_general, initial_params=initial_params)
+    finetune = None
+    if finetuning:
+        from llmopt_jax.peft.finetune import LoraFineTune
+
+        finetune = LoraFineTune(config, model_cfg, initial_params, mesh, rules, tokenizer)
+        graphdef = finetune.graphdef
+        state, shardings = finetune.init_state(optimizer)
+    else:
+        graphdef, state, shardings = init_train_state(model_cfg, optimizer, mesh, rules, seed=int(config.seed),
+                                                      dot_general=dot_general, initial_params=initial_params)
     del initial_params
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    num_params = finetune.num_params if finetune else sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
 
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), config.train.checkpoint_every, config.train.keep_checkpoints,
@@ -158,7 +190,10 @@ def train(config: ConfigDict, workdir: str) -> dict:
     if is_main:
         log.truncate_after(start)
 
-    step_fn = jit_train_step(graphdef, optimizer, shardings, mesh, rules)
+    before = finetune.perplexity_before(workdir) if finetune else None  # held-out perplexity of the base
+    frozen_args = () if finetune is None else (finetune.frozen,)
+    step_fn = jit_train_step(graphdef, optimizer, shardings, mesh, rules, **({} if finetune is None else dict(
+        combine=finetune.combine, frozen_shardings=finetune.frozen_shardings)))
     in_sharding = batch_sharding(mesh, rules)
     peak = float(config.train.peak_flops_per_s) or total_peak_flops(measure_peak_flops(model_cfg.compute_dtype))
     flops_per_token = model_cfg.train_flops_per_token(seq_len)
@@ -178,9 +213,10 @@ def train(config: ConfigDict, workdir: str) -> dict:
             for step in bar:
                 if stop.requested:
                     break
-                batch = data.next().reshape(accum, micro, seq_len + 1)
+                batch = jax.tree.map(lambda x: x.reshape(accum, micro, seq_len + 1), data.next())
                 t0 = time.perf_counter()
-                state, metrics = step_fn(state, global_array(batch, in_sharding))
+                state, metrics = step_fn(state, jax.tree.map(lambda x: global_array(x, in_sharding), batch),
+                                         *frozen_args)
                 loss = float(metrics["loss"])  # also waits for the step: the timing below is real
                 seconds = time.perf_counter() - t0
                 tokens_per_s = tokens_per_step / seconds
@@ -228,7 +264,9 @@ def train(config: ConfigDict, workdir: str) -> dict:
         "num_processes": jax.process_count(),
         "num_devices": jax.device_count(),
     }
-    if pretrained is not None and is_main:
+    if finetune is not None:  # held-out perplexity after, the adapter in PEFT's layout, memory held
+        results.update(finetune.finish(state, workdir, before))
+    elif pretrained is not None and is_main:
         from llmopt_jax.io.safetensors import write_hf_checkpoint
 
         results["saved_to"] = os.path.join(workdir, "model")
