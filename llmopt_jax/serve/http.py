@@ -456,10 +456,11 @@ def prometheus_text(async_engine: AsyncEngine) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- serving
-def serve(app, async_engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8000, *, drain_timeout: float = 600.0,
-          log_level: str = "warning", on_ready=None) -> None:
-    """Serves ``app`` with uvicorn until SIGTERM/SIGINT, then drains (new requests 503, in-flight ones finish, at
-    most ``drain_timeout`` seconds) and returns; a second signal stops at once."""
+def make_server(app, async_engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8000, *,
+                drain_timeout: float = 600.0, log_level: str = "warning", on_ready=None):
+    """A uvicorn server for ``app`` that drains on SIGTERM/SIGINT (or :meth:`begin_drain`): new requests get 503,
+    in-flight ones finish (at most ``drain_timeout`` seconds), then it stops; a second signal stops at once.
+    ``run()`` it in the main thread (signals), or in another thread with ``should_exit`` to stop it."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -467,6 +468,9 @@ def serve(app, async_engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8
 
         @contextlib.contextmanager
         def capture_signals(self):  # uvicorn re-raises the signal after shutdown (exit 143); we return instead
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
             original = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 yield
@@ -478,6 +482,9 @@ def serve(app, async_engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8
             if self.draining_since is not None:
                 self.should_exit = self.force_exit = True
                 return
+            self.begin_drain()
+
+        def begin_drain(self) -> None:
             self.draining_since = time.monotonic()
             app.state.draining = True
 
@@ -491,7 +498,14 @@ def serve(app, async_engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
                             access_log=False, lifespan="off")
-    server = DrainingServer(config)
+    return DrainingServer(config)
+
+
+def serve(app, async_engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8000, *, drain_timeout: float = 600.0,
+          log_level: str = "warning", on_ready=None) -> None:
+    """Starts the engine thread and serves ``app`` until a signal has drained it (see :func:`make_server`)."""
+    server = make_server(app, async_engine, host, port, drain_timeout=drain_timeout, log_level=log_level,
+                         on_ready=on_ready)
     async_engine.start()
     try:
         server.run()
