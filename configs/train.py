@@ -1,5 +1,6 @@
 """Training presets: ``--config=configs/train.py:PRESET`` with PRESET in smoke, tiny, smollm2_135m, llama2_7b,
-qat (quantization-aware fine-tuning of the pretrained SmolLM2-135M at 3 bits per channel) and qat_smoke."""
+qat (quantization-aware fine-tuning of the pretrained SmolLM2-135M at 3 bits per channel), qat_smoke, moe_smoke
+(the smoke model with 8 routed experts, top-2, expert-parallel over all devices) and mixtral_8x7b (AOT only)."""
 
 import importlib.util
 import os
@@ -27,7 +28,10 @@ RUN_PRESETS = {
     "lora_smoke": dict(steps=3, seq_len=64, batch_size=2, grad_accum=1, lr=2e-3, warmup=1, ckpt=3),
     "qlora": dict(steps=60, seq_len=256, batch_size=4, grad_accum=1, lr=2e-3, warmup=5, ckpt=20),
     "qlora_smoke": dict(steps=3, seq_len=64, batch_size=2, grad_accum=1, lr=2e-3, warmup=1, ckpt=3),
+    "moe_smoke": dict(steps=60, seq_len=128, batch_size=8, grad_accum=1, lr=3e-3, warmup=10, ckpt=20),
+    "mixtral_8x7b": dict(steps=1000, seq_len=4096, batch_size=8, grad_accum=1, lr=3e-4, warmup=100, ckpt=100),
 }
+MOE_PRESETS = ("moe_smoke", "mixtral_8x7b")
 QAT_PRESETS = ("qat", "qat_smoke")
 # LoRA / QLoRA fine-tuning of the pretrained SmolLM2-135M (llmopt_jax/peft): rank-4 adapters on every block linear
 # (0.9 % of the weights), held-out perplexity before/after, the adapter written in PEFT's layout to WORKDIR/adapter.
@@ -49,6 +53,9 @@ def get_config(preset: str = "smoke") -> ConfigDict:
             vocab_size=0, d_model=0, num_layers=0, num_heads=0, num_kv_heads=0, mlp_dim=0, head_dim=0,
             rope_base=10000.0, rope_interleaved=False, rms_eps=1e-5, tie_embeddings=True, max_seq_len=2048,
             dtype="float32", param_dtype="float32", attention="xla", scan_layers=True, remat="none", init_std=0.02,
+            # Mixture of experts (llmopt_jax/models/moe.py); num_experts 0 = dense.
+            num_experts=0, moe_top_k=2, moe_layers="all", moe_expert_dim=0, moe_gating="softmax_topk",
+            moe_dispatch="dropless", moe_capacity_factor=1.25, moe_z_loss_weight=1e-3, moe_load_balance_weight=1e-2,
         )
     )
     c.model.update(MODEL_PRESETS["smollm2_135m" if preset in PRETRAINED_PRESETS else preset])
@@ -58,12 +65,16 @@ def get_config(preset: str = "smoke") -> ConfigDict:
     # Quantization-aware training: the linear layers see their weights rounded to this grid (straight-through
     # gradients); bits 0 = off. Evaluate with RTN at the same grid (experiments/quantization_case_study.py).
     c.qat = ConfigDict(dict(bits=3 if preset in QAT_PRESETS else 0, group_size=-1, symmetric=False))
-    if preset in ("smollm2_135m", "llama2_7b"):
+    if preset in ("smollm2_135m", "llama2_7b", "mixtral_8x7b"):
         c.model.dtype = "bfloat16"  # bf16 compute over fp32 master weights
         c.model.remat = "full"
 
     # Mesh axis sizes (-1 = the devices left over) and the logical-axis -> mesh-axis rules.
     c.mesh = common.mesh_config(fsdp=-1)  # FSDP over all devices
+    if preset == "moe_smoke":
+        c.mesh = common.mesh_config(expert=-1)  # expert parallelism over all devices (8 experts)
+    elif preset == "mixtral_8x7b":
+        c.mesh = common.mesh_config(fsdp=-1, expert=8)  # 8 experts over 8-way expert parallelism, FSDP across
     c.sharding_rules = common.sharding_rules()
 
     c.data = ConfigDict()

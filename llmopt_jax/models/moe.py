@@ -167,7 +167,7 @@ class MoeMLP(nnx.Module):
         slot = (jnp.cumsum(flat, axis=1) - 1) * flat  # [G, k*S, E], slot where assigned
         slot = jnp.sum(slot, axis=-1).reshape(g, k, s)  # [G, k, S]
         kept = slot < c
-        dropped = 1.0 - jnp.mean(kept.astype(jnp.float32))
+        dropped = jnp.mean((~kept).astype(jnp.float32))
         # dispatch[g, s, e, c] = 1 if token s of group g occupies slot c of expert e.
         slot_1h = jax.nn.one_hot(jnp.where(kept, slot, c), c, dtype=jnp.float32)  # [G, k, S, C]; dropped -> 0
         dispatch = jnp.einsum("gkse,gksc->gsec", onehot.astype(jnp.float32), slot_1h)

@@ -13,6 +13,17 @@ MODEL_PRESETS: dict[str, dict] = {
         vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128, rope_base=10000.0,
         tie_embeddings=True, max_seq_len=256,
     ),
+    # The smoke shape with every MLP routed over 8 experts of a quarter of its width, top-2 (twice the MLP
+    # parameters, half the MLP FLOPs per token): the MoE training smoke test and expert-parallel demos.
+    "moe_smoke": dict(
+        vocab_size=512, d_model=256, num_layers=4, num_heads=8, num_kv_heads=4, mlp_dim=768, rope_base=10000.0,
+        tie_embeddings=True, max_seq_len=512, num_experts=8, moe_top_k=2, moe_expert_dim=192,
+    ),
+    # Mixtral-8x7B's shape (46.7B parameters, 12.9B active): AOT memory estimates of expert parallelism only.
+    "mixtral_8x7b": dict(
+        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=14336, head_dim=128,
+        rope_base=1e6, rms_eps=1e-5, tie_embeddings=False, max_seq_len=4096, num_experts=8, moe_top_k=2,
+    ),
     # SmolLM2-135M (HuggingFaceTB), the real model of the case studies.
     "smollm2_135m": dict(
         vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, mlp_dim=1536, head_dim=64,

@@ -226,6 +226,10 @@ def train(config: ConfigDict, workdir: str) -> dict:
                     "mfu": model_flops_utilization(tokens_per_s, flops_per_token, peak),
                     "includes_compile": first_in_process,
                 }
+                if "expert_counts" in metrics:  # a MoE model: routing statistics of this step's tokens
+                    record.update({k: float(metrics[k]) for k in ("router_z_loss", "load_balance_loss",
+                                                                   "dropped_fraction")})
+                    record["expert_counts"] = np.asarray(metrics["expert_counts"]).round(2).tolist()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {step}")
                 first_in_process = False

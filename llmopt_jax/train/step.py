@@ -57,14 +57,33 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, windows, frozen=None, com
     Packed windows (a dict, see the module docstring) average over the targets inside documents only. With
     ``combine`` the model runs on ``combine(frozen, params, rng_step)`` (e.g. a frozen base with LoRA adapters).
     """
+    return loss_and_metrics(params, graphdef, windows, frozen, combine, rng_step)[0]
+
+
+def loss_and_metrics(params: nnx.State, graphdef: nnx.GraphDef, windows, frozen=None,
+                     combine: Callable | None = None, rng_step: jax.Array | None = None):
+    """``(objective, metrics)``: :func:`loss_fn`'s objective, and ``metrics["loss"]`` the language-modelling loss.
+
+    A mixture-of-experts model (``cfg.num_experts > 0``) on plain windows adds its router z-loss and
+    load-balancing loss, weighted by ``cfg.moe_z_loss_weight`` / ``cfg.moe_load_balance_weight``, to the
+    objective; ``metrics`` then also hold them, ``expert_counts`` ``[num_moe_layers, E]`` and ``dropped_fraction``.
+    """
     if combine is not None:
         params = combine(frozen, params, rng_step)
     if isinstance(windows, dict):
         nll, weights = token_nll(params, graphdef, windows)
-        return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return loss, {"loss": loss}
     model = nnx.merge(graphdef, params)
-    logits, _ = model(windows[:, :-1])
-    return cross_entropy(logits, windows[:, 1:])
+    if not model.cfg.num_experts:
+        logits, _ = model(windows[:, :-1])
+        loss = cross_entropy(logits, windows[:, 1:])
+        return loss, {"loss": loss}
+    logits, aux = model.forward_with_aux(windows[:, :-1])
+    loss = cross_entropy(logits, windows[:, 1:])
+    objective = (loss + model.cfg.moe_z_loss_weight * aux["router_z_loss"]
+                 + model.cfg.moe_load_balance_weight * aux["load_balance_loss"])
+    return objective, {"loss": loss, **aux}
 
 
 def train_step(
@@ -79,21 +98,24 @@ def train_step(
     seeds anything random in it, such as LoRA dropout.
     """
     params = state["params"]
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)  # metrics: see loss_and_metrics
     accum = jax.tree.leaves(batch)[0].shape[0]
     first_rng = state["step"] * accum
     if accum == 1:
-        loss, grads = grad_fn(params, graphdef, jax.tree.map(lambda x: x[0], batch), frozen, combine, first_rng)
+        (_, loss), grads = grad_fn(params, graphdef, jax.tree.map(lambda x: x[0], batch), frozen, combine, first_rng)
     else:
 
         def micro(carry, xs):
             windows, i = xs
-            loss, grads = grad_fn(params, graphdef, windows, frozen, combine, first_rng + i)
+            (_, loss), grads = grad_fn(params, graphdef, windows, frozen, combine, first_rng + i)
             return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, (loss, grads)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        first = jax.tree.map(lambda x: x[0], batch)
+        shapes = jax.eval_shape(lambda: loss_and_metrics(params, graphdef, first, frozen, combine, first_rng)[1])
+        zeros = (jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), shapes),
+                 jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
         (loss, grads), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum, dtype=jnp.int32)))
-        loss = loss / accum
+        loss = jax.tree.map(lambda m: m / accum, loss)  # metrics averaged over micro-batches (counts too)
         grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_state = {
@@ -101,7 +123,7 @@ def train_step(
         "params": optax.apply_updates(params, updates),
         "opt_state": opt_state,
     }
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return new_state, {**loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def train_state_shardings(params, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules = DEFAULT_RULES):
