@@ -29,7 +29,7 @@ _EXPORTS = {
     # evaluation and generation
     "evaluate_perplexity": "llmopt_jax.eval.perplexity", "PerplexityResult": "llmopt_jax.eval.perplexity",
     "Generator": "llmopt_jax.infer.generate", "SamplingConfig": "llmopt_jax.infer.generate",
-    "chat": "llmopt_jax.infer.generate",
+    "chat": "llmopt_jax.infer.generate", "SpeculativeGenerator": "llmopt_jax.infer.speculative",
     # compression: the API and the transform constructors
     "compress": "llmopt_jax.compress.api", "CompressedModel": "llmopt_jax.compress.api",
     "method_recipe": "llmopt_jax.compress.api", "plan_recipe": "llmopt_jax.compress.api",

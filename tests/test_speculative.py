@@ -126,3 +126,19 @@ def test_sampling_preserves_target_distribution(target, tiny_cfg):
     a = int(np.bincount(first).argmax())
     stat, crit = _chi_square_ok(second[first == a], dist(target, prompt + [last, a]))
     assert stat < crit, (stat, crit)
+
+
+@pytest.mark.slow
+def test_bench_speculative_smoke_on_smollm2(tmp_path):
+    # The real model, its first 24 layers drafting: greedy output identical, the statistics reported.
+    from conftest import run_cli
+
+    proc = run_cli(["experiments.bench_speculative", "--config=configs/bench_speculative.py:smoke",
+                    "--config.drafts=self", "--config.max_new_tokens=6", f"--workdir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["self_greedy_identical"] is True
+    assert 0 <= r["self_acceptance_rate"] <= 1 and 1 <= r["self_tokens_per_target_forward"] <= 5
+    assert r["self_speedup"] > 0 and r["plain_seconds"] > 0
