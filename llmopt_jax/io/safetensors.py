@@ -8,6 +8,7 @@ features permuted back on export, so the written directory is a correct HF check
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -25,8 +26,10 @@ from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.models.layout import layer_params, layers_are_stacked, stack_layers
 from llmopt_jax.models.rope import permute_rotary_features
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+# Mixtral's expert weights: w1 = gate, w3 = up, w2 = down (models/moe.py's gate_proj, up_proj, down_proj).
+_EXPERT_LINEARS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Files an export writes; an existing directory holding anything else is not ours to replace.
@@ -48,10 +51,22 @@ def _specs(cfg: ModelConfig) -> list[tuple[str, tuple, tuple, tuple | None]]:
     io = {"q_proj": ((d,), (h, hd)), "k_proj": ((d,), (k, hd)), "v_proj": ((d,), (k, hd)),
           "o_proj": ((h, hd), (d,)), "gate_proj": ((d,), (f,)), "up_proj": ((d,), (f,)), "down_proj": ((f,), (d,))}
     specs = [("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, d), None)]
+    moe_layers = cfg.moe_layer_indices()
+    fe, e = cfg.expert_dim, cfg.num_experts
+    expert_io = {"gate_proj": ((d,), (fe,)), "up_proj": ((d,), (fe,)), "down_proj": ((fe,), (d,))}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         specs += [(p + hf + ".weight", ("layers", i, ours, "scale"), (d,), None) for ours, hf in _NORMS.items()]
-        specs += [(p + hf + ".weight", ("layers", i, ours, "kernel"), *io[ours]) for ours, hf in _LINEARS.items()]
+        if i not in moe_layers:
+            specs += [(p + hf + ".weight", ("layers", i, ours, "kernel"), *io[ours]) for ours, hf in _LINEARS.items()]
+            continue
+        # A routed layer, in Mixtral's names: the router (HF [E, d]) and each expert's three linears; our
+        # path's trailing int is the expert's index along the stacked kernel's leading axis.
+        specs += [(p + hf + ".weight", ("layers", i, ours, "kernel"), *io[ours]) for ours, hf in _LINEARS.items()
+                  if not hf.startswith("mlp.")]
+        specs.append((p + "block_sparse_moe.gate.weight", ("layers", i, "moe", "router"), (d,), (e,)))
+        specs += [(f"{p}block_sparse_moe.experts.{j}.{hf}.weight", ("layers", i, "moe", ours, "kernel", j),
+                   *expert_io[ours]) for j in range(e) for ours, hf in _EXPERT_LINEARS.items()]
     specs.append(("model.norm.weight", ("final_norm", "scale"), (d,), None))
     if not cfg.tie_embeddings:
         specs.append(("lm_head.weight", ("lm_head", "kernel"), (d,), (cfg.vocab_size,)))
@@ -90,6 +105,19 @@ def config_from_hf(config: dict, path: str = "config.json", **overrides: Any) ->
         tie_embeddings=bool(get("tie_word_embeddings", False)), max_seq_len=int(get("max_position_embeddings", 2048)),
         init_std=float(get("initializer_range", 0.02)),
     )
+    if config.get("num_local_experts"):
+        # Mixtral: intermediate_size is one expert's width; the moe_* keys are ours (absent: Mixtral's semantics,
+        # softmax over the top-k router logits, every layer routed).
+        values.update(
+            num_experts=int(config["num_local_experts"]), moe_top_k=int(get("num_experts_per_tok", 2)),
+            moe_expert_dim=values["mlp_dim"], mlp_dim=int(get("dense_intermediate_size", values["mlp_dim"])),
+            moe_layers=str(get("moe_layers", "all")), moe_gating=str(get("moe_gating", "softmax_topk")),
+            moe_dispatch=str(get("moe_dispatch", "dropless")),
+            moe_capacity_factor=float(get("moe_capacity_factor", 1.25)),
+            moe_load_balance_weight=float(get("router_aux_loss_coef", 1e-2)),
+        )
+        if values["moe_layers"] != "all":
+            values["scan_layers"] = False  # a partly routed model cannot scan one block structure
     values.update(overrides)
     return ModelConfig.from_mapping(values)
 
@@ -161,15 +189,25 @@ def read_hf_checkpoint(path: str, **config_overrides: Any) -> tuple[ModelConfig,
             if cfg.rope_interleaved and our_path[-2] in ("q_proj", "k_proj"):
                 array = np.ascontiguousarray(permute_rotary_features(array, cfg.head_dim, to_interleaved=True))
             if our_path[0] == "layers":
-                layers[our_path[1]].setdefault(our_path[2], {})[our_path[3]] = array
+                node = layers[our_path[1]]
+                for key in our_path[2:-1]:
+                    node = node.setdefault(key, {})
+                node[our_path[-1]] = array  # an int key: one expert of a stacked kernel, stacked below
             else:
                 params.setdefault(our_path[0], {})[our_path[1]] = array
+    for layer in layers:
+        for name, linear in layer.get("moe", {}).items():
+            if isinstance(linear, dict):
+                linear["kernel"] = np.stack([linear["kernel"][j] for j in range(cfg.num_experts)])
     params["layers"] = stack_layers(layers, cfg.scan_layers)
     return cfg, params
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """The ``config.json`` dict of ``cfg`` as a ``LlamaForCausalLM`` checkpoint stored in ``dtype``."""
+    """The ``config.json`` dict of ``cfg`` as a ``LlamaForCausalLM`` checkpoint stored in ``dtype``; a MoE
+    config as ``MixtralForCausalLM`` (see :func:`moe_hf_config`)."""
+    if cfg.num_experts:
+        return moe_hf_config(cfg, dtype)
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": dtype,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
@@ -179,6 +217,23 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_seq_len,
         "attention_bias": False, "mlp_bias": False, "initializer_range": cfg.init_std,
     }
+
+
+def moe_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """A MoE config as a Mixtral ``config.json`` (``num_local_experts``, ``num_experts_per_tok``,
+    ``intermediate_size`` = one expert's width) plus our keys ``moe_gating``, ``moe_layers``,
+    ``dense_intermediate_size``, ``moe_dispatch``, ``moe_capacity_factor``. Hugging Face's Mixtral always weights
+    experts by the softmax of the top-k logits and routes every layer: a model with ``moe_gating="unit"``
+    (MoEfication) or dense layers loads there with other semantics; our reader restores them exactly."""
+    config = {**hf_config(dataclasses.replace(cfg, num_experts=0)), "architectures": ["MixtralForCausalLM"],
+              "model_type": "mixtral", "torch_dtype": dtype}
+    config.update(
+        intermediate_size=cfg.expert_dim, num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.moe_top_k,
+        router_aux_loss_coef=cfg.moe_load_balance_weight, output_router_logits=False,
+        moe_gating=cfg.moe_gating, moe_layers=cfg.moe_layers, dense_intermediate_size=cfg.mlp_dim,
+        moe_dispatch=cfg.moe_dispatch, moe_capacity_factor=cfg.moe_capacity_factor,
+    )
+    return config
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -221,8 +276,9 @@ def write_hf_checkpoint(path: str, cfg: ModelConfig, params: Any, *, dtype: str 
         at = "/".join(map(str, our_path))
         try:
             if our_path[0] == "layers":
-                _, i, name, key = our_path
-                leaf = block(i)[name][key]
+                leaf = block(our_path[1])
+                for key in our_path[2:]:
+                    leaf = leaf[key]  # an int key takes one expert of a stacked expert kernel
             else:
                 leaf = pure[our_path[0]][our_path[1]]
         except (KeyError, IndexError) as e:
