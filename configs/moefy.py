@@ -33,6 +33,7 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.top_k = 2  # experts each token runs (1..num_experts); top_k = num_experts reproduces the dense model
     c.cluster_iterations = 20  # balanced k-means iterations (stops early when the assignment is stable)
     c.router_ridge = 1e-2  # ridge term of the least-squares router fit, relative to mean(diag hᵀh)
+    c.save_gguf = False  # also write WORKDIR/model.gguf (F32; llama.cpp's ffn_*_exps names, expert_count metadata)
 
     c.calib = common.calib_config(8, 128) if smoke else common.calib_config(32, 512)
     c.calib.batch_size = 4 if smoke else 8  # windows per jitted block call

@@ -5,7 +5,7 @@
 
 Splits each SwiGLU MLP into ``num_experts`` balanced clusters of co-activating hidden units, fits a linear router
 per layer to predict the experts with the largest output norms (``llmopt_jax/compress/moefy.py``), and writes
-WORKDIR/model (a safetensors directory in Mixtral's layout, ``num_local_experts`` in config.json, loadable by
+WORKDIR/model (and, with ``save_gguf``, WORKDIR/model.gguf with llama.cpp's ffn_*_exps tensors) (a safetensors directory in Mixtral's layout, ``num_local_experts`` in config.json, loadable by
 ``experiments.perplexity --config.model=WORKDIR/model``). results.json: perplexity (the MoE model at top_k),
 dense_perplexity (the dense model on the same windows), num_eval_tokens, mlp_flops_fraction (MLP matmul FLOPs per
 token relative to dense, router included), plus per-layer router accuracy, the sweep over eval.sweep_top_k and
@@ -52,7 +52,7 @@ def main(config, workdir):
 
     model = load_pretrained(config.model)
     tok = model.require_tokenizer()
-    cfg, pure = model.cfg, nnx.to_pure_dict(model.params)
+    cfg, pure, source_path = model.cfg, nnx.to_pure_dict(model.params), str(model.path)
     if cfg.mlp_dim % num_experts:
         raise ConfigError(f"num_experts={num_experts} must divide the model's MLP width {cfg.mlp_dim}")
     if int(config.num_layers):
@@ -115,6 +115,13 @@ def main(config, workdir):
         "model": config.model,
         "moe_config": dataclasses.asdict(moe_cfg),
     }
+    if config.save_gguf:  # llama.cpp's MoE names; the dense GGUF's tokenizer metadata is copied along
+        from llmopt_jax.io.gguf import read_gguf
+        from llmopt_jax.io.gguf_write import write_gguf
+
+        results["gguf"] = os.path.join(workdir, "model.gguf")
+        source = read_gguf(source_path) if source_path.endswith(".gguf") else None
+        write_gguf(results["gguf"], moe_cfg, moe_pure, tensor_type="F32", metadata_from=source)
     write_json(f"{workdir}/results.json", results)
     print(f"MoE top-{top_k}/{num_experts}: perplexity={moe.perplexity:.4f} (dense {dense.perplexity:.4f}, "
           f"{results['relative_difference']:+.2e}) over {moe.num_eval_tokens:,} tokens; MLP FLOPs "

@@ -80,14 +80,28 @@ class _DenseBlockRunner:
         return y, captured["h"].astype(jnp.float32), captured["a"].astype(jnp.float32)
 
 
-def balanced_clusters(features: np.ndarray, num_clusters: int, iterations: int = 20, seed: int = 0) -> np.ndarray:
+def balanced_clusters(features: np.ndarray, num_clusters: int, iterations: int = 20, seed: int = 0,
+                      restarts: int = 3) -> np.ndarray:
     """Balanced spherical k-means: ``features`` float ``[n, m]`` (rows unit-norm) -> cluster id int ``[n]``, each
-    cluster holding exactly ``n / num_clusters`` rows. Deterministic for a given ``seed``."""
+    cluster holding exactly ``n / num_clusters`` rows. The best of ``restarts`` k-means++ seedings (total cosine
+    similarity to the own cluster's centre); deterministic for a given ``seed``."""
     n = features.shape[0]
     if n % num_clusters:
         raise ConfigError(f"{n} hidden units do not split into {num_clusters} equal experts")
+    best, best_score = None, -np.inf
+    for r in range(max(restarts, 1)):
+        assign = _balanced_kmeans(features, num_clusters, iterations, np.random.default_rng([seed, r]))
+        centers = np.stack([features[assign == c].mean(0) for c in range(num_clusters)])
+        centers /= np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+        score = float(np.sum(features * centers[assign]))
+        if score > best_score:
+            best, best_score = assign, score
+    return best
+
+
+def _balanced_kmeans(features: np.ndarray, num_clusters: int, iterations: int, rng: np.random.Generator) -> np.ndarray:
+    n = features.shape[0]
     size = n // num_clusters
-    rng = np.random.default_rng(seed)
     # k-means++ seeding on cosine distance.
     centers = [features[rng.integers(n)]]
     for _ in range(1, num_clusters):

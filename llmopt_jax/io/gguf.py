@@ -124,6 +124,21 @@ def config_from_gguf(f: GGUFFile, **overrides: Any) -> ModelConfig:
         tie_embeddings="output.weight" not in f.tensors,
         max_seq_len=int(_meta(f, f"{arch}.context_length", 2048)),
     )
+    if f.metadata.get(f"{arch}.expert_count"):
+        # A MoE (Mixtral-style): feed_forward_length is one expert's width. Without our llmopt.* keys the file
+        # means llama.cpp's semantics: softmax over the top-k logits, every layer routed.
+        values.update(
+            num_experts=int(f.metadata[f"{arch}.expert_count"]),
+            moe_top_k=int(_meta(f, f"{arch}.expert_used_count", 2)),
+            moe_expert_dim=values["mlp_dim"],
+            mlp_dim=int(f.metadata.get("llmopt.dense_feed_forward_length", values["mlp_dim"])),
+            moe_gating=str(f.metadata.get("llmopt.moe_gating", "softmax_topk")),
+            moe_layers=str(f.metadata.get("llmopt.moe_layers", "all")),
+            moe_dispatch=str(f.metadata.get("llmopt.moe_dispatch", "dropless")),
+            moe_capacity_factor=float(f.metadata.get("llmopt.moe_capacity_factor", 1.25)),
+        )
+        if values["moe_layers"] != "all":
+            values["scan_layers"] = False
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -147,22 +162,37 @@ def params_from_gguf(f: GGUFFile, cfg: ModelConfig) -> dict:
     def linear(name, out_dim, in_dim):
         return _expect(f, name, f.tensor(name), (out_dim, in_dim)).T  # [out, in] -> [in, out]
 
+    def experts(name, out_dim, in_dim):  # [E, out, in] -> our [E, in, out]
+        e = cfg.num_experts
+        return _expect(f, name, f.tensor(name), (e, out_dim, in_dim)).transpose(0, 2, 1)
+
+    moe_layers = cfg.moe_layer_indices()
+    fe = cfg.expert_dim
     layers = []
     for i in range(cfg.num_layers):
         p = f"blk.{i}."
-        layers.append(
-            {
-                "attn_norm": {"scale": vector(p + "attn_norm.weight", d)},
-                "q_proj": {"kernel": linear(p + "attn_q.weight", h * hd, d).reshape(d, h, hd)},
-                "k_proj": {"kernel": linear(p + "attn_k.weight", k * hd, d).reshape(d, k, hd)},
-                "v_proj": {"kernel": linear(p + "attn_v.weight", k * hd, d).reshape(d, k, hd)},
-                "o_proj": {"kernel": linear(p + "attn_output.weight", d, h * hd).reshape(h, hd, d)},
-                "mlp_norm": {"scale": vector(p + "ffn_norm.weight", d)},
+        layer = {
+            "attn_norm": {"scale": vector(p + "attn_norm.weight", d)},
+            "q_proj": {"kernel": linear(p + "attn_q.weight", h * hd, d).reshape(d, h, hd)},
+            "k_proj": {"kernel": linear(p + "attn_k.weight", k * hd, d).reshape(d, k, hd)},
+            "v_proj": {"kernel": linear(p + "attn_v.weight", k * hd, d).reshape(d, k, hd)},
+            "o_proj": {"kernel": linear(p + "attn_output.weight", d, h * hd).reshape(h, hd, d)},
+            "mlp_norm": {"scale": vector(p + "ffn_norm.weight", d)},
+        }
+        if i in moe_layers:
+            layer["moe"] = {
+                "router": linear(p + "ffn_gate_inp.weight", cfg.num_experts, d),
+                "gate_proj": {"kernel": experts(p + "ffn_gate_exps.weight", fe, d)},
+                "up_proj": {"kernel": experts(p + "ffn_up_exps.weight", fe, d)},
+                "down_proj": {"kernel": experts(p + "ffn_down_exps.weight", d, fe)},
+            }
+        else:
+            layer |= {
                 "gate_proj": {"kernel": linear(p + "ffn_gate.weight", ff, d)},
                 "up_proj": {"kernel": linear(p + "ffn_up.weight", ff, d)},
                 "down_proj": {"kernel": linear(p + "ffn_down.weight", d, ff)},
             }
-        )
+        layers.append(layer)
     params: dict = {
         "embed": {"embedding": _expect(f, "token_embd.weight", f.tensor("token_embd.weight"), (cfg.vocab_size, d))},
         "final_norm": {"scale": vector("output_norm.weight", d)},

@@ -78,6 +78,7 @@ def _gguf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
         return get(block(i), (name, leaf), shape, at=f"layers/{i}/{name}/{leaf}")
 
     out = {"token_embd.weight": get(params, ("embed", "embedding"), (v, d))}
+    moe_layers = cfg.moe_layer_indices()
     for i in range(cfg.num_layers):
         q, kk = layer(i, "q_proj", "kernel", (d, h, hd)), layer(i, "k_proj", "kernel", (d, k, hd))
         if not cfg.rope_interleaved:  # llama.cpp rotates interleaved pairs
@@ -91,6 +92,18 @@ def _gguf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
             p + "attn_v.weight": layer(i, "v_proj", "kernel", (d, k, hd)).reshape(d, k * hd).T,
             p + "attn_output.weight": layer(i, "o_proj", "kernel", (h, hd, d)).reshape(h * hd, d).T,
             p + "ffn_norm.weight": layer(i, "mlp_norm", "scale", (d,)),
+        }
+        if i in moe_layers:  # llama.cpp's MoE tensors (Mixtral): router [E, d], experts [E, out, in]
+            moe = lambda path, shape: get(block(i), ("moe", *path), shape, at=f"layers/{i}/moe/{'/'.join(path)}")  # noqa: E731
+            fe, e = cfg.expert_dim, cfg.num_experts
+            out |= {
+                p + "ffn_gate_inp.weight": moe(("router",), (d, e)).T,
+                p + "ffn_gate_exps.weight": moe(("gate_proj", "kernel"), (e, d, fe)).transpose(0, 2, 1),
+                p + "ffn_up_exps.weight": moe(("up_proj", "kernel"), (e, d, fe)).transpose(0, 2, 1),
+                p + "ffn_down_exps.weight": moe(("down_proj", "kernel"), (e, fe, d)).transpose(0, 2, 1),
+            }
+            continue
+        out |= {
             p + "ffn_gate.weight": layer(i, "gate_proj", "kernel", (d, ff)).T,
             p + "ffn_up.weight": layer(i, "up_proj", "kernel", (d, ff)).T,
             p + "ffn_down.weight": layer(i, "down_proj", "kernel", (ff, d)).T,
@@ -273,7 +286,20 @@ def write_gguf(
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.d_model)
         w.add_block_count(cfg.num_layers)
-        w.add_feed_forward_length(cfg.mlp_dim)
+        if cfg.num_experts:
+            # llama.cpp reads feed_forward_length as each expert's width; expert_used_count is its top-k. Its
+            # llama graph weights experts by the softmax over the top-k logits; our llmopt.* keys restore the
+            # gating (MoEfication's unit gates), dense layers' width and the dispatch for our reader.
+            w.add_feed_forward_length(cfg.expert_dim)
+            w.add_expert_count(cfg.num_experts)
+            w.add_expert_used_count(cfg.moe_top_k)
+            w.add_string("llmopt.moe_gating", cfg.moe_gating)
+            w.add_string("llmopt.moe_layers", cfg.moe_layers)
+            w.add_string("llmopt.moe_dispatch", cfg.moe_dispatch)
+            w.add_float32("llmopt.moe_capacity_factor", cfg.moe_capacity_factor)
+            w.add_uint32("llmopt.dense_feed_forward_length", cfg.mlp_dim)
+        else:
+            w.add_feed_forward_length(cfg.mlp_dim)
         w.add_head_count(cfg.num_heads)
         w.add_head_count_kv(cfg.num_kv_heads)
         # llama.cpp derives head size from d_model / heads unless these say otherwise
