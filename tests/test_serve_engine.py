@@ -30,6 +30,14 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def unrolled(prompts):
+    """The same shape with unrolled layers (the engine's per-layer paged path) and its Generator reference."""
+    graphdef, params = nnx.split(Decoder(dataclasses.replace(CFG, scan_layers=False), rngs=nnx.Rngs(0)))
+    gen = Generator(graphdef, params)
+    return (graphdef, params), [gen.generate([p], MAX_NEW).tokens[0] for p in prompts]
+
+
+@pytest.fixture(scope="module")
 def prompts():
     rng = np.random.default_rng(0)
     # Lengths up to 16: one Generator prompt bucket (one compile), still several chunks and pages each.
@@ -120,24 +128,30 @@ def run_with_arrivals(engine, prompts, params, seed, max_steps=2000):
     return [outputs.get(i, []) for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("config, seed", [
+@pytest.mark.parametrize("config, seed, scan", [
     # Small pool: preemption by recomputation; tiny chunks: many chunks per prompt.
     (EngineConfig(page_size=4, num_pages=12, max_running=4, prefill_budget=5, max_decode_steps=4,
-                  min_batch_bucket=4, min_pages_bucket=8), 0),
+                  min_batch_bucket=4, min_pages_bucket=8), 0, True),
     # Larger pages, shortest-prompt-first, long multi-step decode dispatches, no prefix cache.
     (EngineConfig(page_size=8, num_pages=64, max_running=8, prefill_budget=16, max_decode_steps=8, policy="spf",
-                  prefix_caching=False, min_batch_bucket=8, min_pages_bucket=4), 1),
+                  prefix_caching=False, min_batch_bucket=8, min_pages_bucket=4), 1, True),
+    # Unrolled layers (per-layer gather and in-place page writes), small pool: preemption again.
+    (EngineConfig(page_size=4, num_pages=14, max_running=4, prefill_budget=6, max_decode_steps=4,
+                  min_batch_bucket=4, min_pages_bucket=8), 3, False),
     # Static batching (the benchmark's baseline) with odd page size.
     (EngineConfig(page_size=3, num_pages=64, max_running=3, prefill_budget=16, max_decode_steps=4, mode="static",
-                  min_batch_bucket=4, min_pages_bucket=16), 2),
+                  min_batch_bucket=4, min_pages_bucket=16), 2, True),
 ])
-def test_greedy_continuous_batching_equals_single_request_generator(model, prompts, reference, config, seed):
+def test_greedy_continuous_batching_equals_single_request_generator(model, unrolled, prompts, reference, config,
+                                                                   seed, scan):
+    if not scan:
+        model, reference = unrolled
     engine = Engine(*model, config)
     got = run_with_arrivals(engine, prompts, SamplingParams(max_tokens=MAX_NEW), seed)
     assert got == reference
     m = engine.metrics()
     assert m["kv_pages_used"] == 0 and m["running"] == m["waiting"] == 0
-    if config.num_pages == 12:
+    if config.num_pages <= 14:
         assert m["preemptions"] > 0
     if config.prefix_caching:
         assert m["prefix_cache_hits"] > 0

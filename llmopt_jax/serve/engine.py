@@ -91,19 +91,40 @@ def forward(graphdef, params, kv: PagedKV, tokens, starts, num_valid, page_table
     ``page_table`` int32 ``[B, P]`` with ``P * page_size >= starts + L``; only the first ``num_valid[b]`` tokens of a
     row write KV. Returns (float32 logits ``[B, vocab]`` at ``logit_index`` ``[B]``, or ``[B, L, vocab]`` when
     ``logit_index`` is None; the updated pool).
+
+    Unrolled layers gather and update one layer's pages at a time (the gathered context stays small and hot in
+    cache, and the pool is updated in place); a layer scan gathers every layer's context into one contiguous cache
+    for the whole model, then scatters the new tokens back.
     """
     model = nnx.merge(graphdef, params)
-    cache = KVCache(gather_pages(kv.keys, page_table), gather_pages(kv.values, page_table), starts)
-    logits, new = model(tokens, cache=cache, logit_index=logit_index)
     length = tokens.shape[1]
 
-    def fresh(c):  # [layers, B, S, K, hd] -> the L slots just written, [layers, B, L, K, hd]
-        return jax.vmap(lambda cb, s: jax.lax.dynamic_slice_in_dim(cb, s, length, axis=1), in_axes=(1, 0),
-                        out_axes=1)(c, starts)
+    def fresh(c, axis):  # the L slots just written at ``starts`` along ``axis`` (the sequence axis)
+        return jax.vmap(lambda cb, s: jax.lax.dynamic_slice_in_dim(cb, s, length, axis=axis - 1), in_axes=(axis - 1, 0),
+                        out_axes=axis - 1)(c, starts)
 
-    kv = PagedKV(scatter_tokens(kv.keys, page_table, starts, fresh(new.keys), num_valid),
-                 scatter_tokens(kv.values, page_table, starts, fresh(new.values), num_valid))
-    return (logits if logit_index is None else logits[:, 0]), kv
+    if model.cfg.scan_layers:
+        cache = KVCache(gather_pages(kv.keys, page_table), gather_pages(kv.values, page_table), starts)
+        logits, new = model(tokens, cache=cache, logit_index=logit_index)
+        kv = PagedKV(scatter_tokens(kv.keys, page_table, starts, fresh(new.keys, 2), num_valid),
+                     scatter_tokens(kv.values, page_table, starts, fresh(new.values, 2), num_valid))
+        return (logits if logit_index is None else logits[:, 0]), kv
+
+    b = tokens.shape[0]
+    positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+    x = model.embed(tokens)
+    keys, values = kv.keys, kv.values
+    for i, block in enumerate(model.layers):
+        k_ctx = keys[i][page_table].reshape(b, -1, *keys.shape[3:])
+        v_ctx = values[i][page_table].reshape(b, -1, *values.shape[3:])
+        x, (k_all, v_all) = block(x, positions, (k_ctx, v_ctx), starts)
+        keys = scatter_tokens(keys, page_table, starts, fresh(k_all, 1)[None], num_valid, layer=i)
+        values = scatter_tokens(values, page_table, starts, fresh(v_all, 1)[None], num_valid, layer=i)
+    if logit_index is not None:
+        x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)
+    x = model.final_norm(x)
+    logits = (model.embed.attend(x) if model.cfg.tie_embeddings else model.lm_head(x)).astype(jnp.float32)
+    return (logits if logit_index is None else logits[:, 0]), PagedKV(keys, values)
 
 
 def sample_rows(logits, key_data, index, temperature, top_k, top_p):

@@ -61,11 +61,12 @@ def gather_pages(pool: jax.Array, page_table: jax.Array) -> jax.Array:
     return pool[:, page_table].reshape(layers, b, p * ps, k, hd)
 
 
-def scatter_tokens(pool: jax.Array, page_table: jax.Array, starts: jax.Array, new: jax.Array, num_valid: jax.Array
-                   ) -> jax.Array:
+def scatter_tokens(pool: jax.Array, page_table: jax.Array, starts: jax.Array, new: jax.Array, num_valid: jax.Array,
+                   layer: int | None = None) -> jax.Array:
     """Writes ``new`` ``[layers, B, L, K, hd]`` (positions ``starts[b] + j``) into ``pool`` through ``page_table``
-    ``[B, P]``; tokens ``j >= num_valid[b]`` go to the null page (padding, finished rows)."""
-    layers, _, ps, k, hd = pool.shape
+    ``[B, P]``; tokens ``j >= num_valid[b]`` go to the null page (padding, finished rows). With ``layer``, ``new``
+    is ``[1, B, L, K, hd]`` and only that layer of the pool is written."""
+    _, _, ps, k, hd = pool.shape
     b, l = new.shape[1], new.shape[2]
     pos = starts[:, None] + jnp.arange(l, dtype=jnp.int32)[None, :]  # [B, L]
     slot = jnp.minimum(pos // ps, page_table.shape[1] - 1)
@@ -73,7 +74,9 @@ def scatter_tokens(pool: jax.Array, page_table: jax.Array, starts: jax.Array, ne
     valid = jnp.arange(l, dtype=jnp.int32)[None, :] < num_valid[:, None]
     page = jnp.where(valid, page, NULL_PAGE).reshape(-1)
     offset = (pos % ps).reshape(-1)
-    return pool.at[:, page, offset].set(new.reshape(layers, b * l, k, hd).astype(pool.dtype))
+    if layer is not None:
+        return pool.at[layer, page, offset].set(new.reshape(b * l, k, hd).astype(pool.dtype))
+    return pool.at[:, page, offset].set(new.reshape(new.shape[0], b * l, k, hd).astype(pool.dtype))
 
 
 def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, page_table: jax.Array,
