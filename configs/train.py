@@ -109,6 +109,11 @@ def get_config(preset: str = "smoke") -> ConfigDict:
     c.train.async_checkpoint = True
     c.train.peak_flops_per_s = 0.0  # 0 = measure with a matmul on the default device
     c.train.progress = True
+    # Pipeline parallelism over mesh.stage (llmopt_jax/parallel/pipeline.py): each micro-batch of data.batch_size
+    # windows is split into `microbatches` GPipe microbatches; pipeline_repeats > 1 = circular schedule (virtual
+    # stages, smaller bubble (S-1)/(M*R+S-1), needs microbatches >= mesh.stage). 1/1 with mesh.stage=1 = off.
+    c.train.microbatches = 1
+    c.train.pipeline_repeats = 1
 
     # experiments/aot_memory.py: compile the train step for a fake mesh of CPU devices, allocate nothing.
     c.aot = ConfigDict()

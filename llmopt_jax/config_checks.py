@@ -110,3 +110,55 @@ def check_train_settings(config: Mapping) -> None:
     for key in ("optim.warmup_steps", "optim.total_steps"):
         if lookup(config, key) < 0:
             raise ConfigError(f"{key}={lookup(config, key)} must be >= 0")
+    check_pipeline_settings(config)
+
+
+def check_pipeline(num_layers: int, stages: int, microbatches: int, repeats: int = 1, *,
+                   scan_layers: bool = True, num_experts: int = 0, batch_size: int | None = None,
+                   batch_ways: int = 1) -> None:
+    """Pipeline parallelism's constraints (``parallel/pipeline.py``); a one-line :class:`ConfigError` names the keys.
+
+    ``batch_size``: the global batch of one pipelined forward (``data.batch_size``); ``batch_ways``: how many ways
+    the batch mesh axes (data, fsdp, ...) split each microbatch.
+    """
+    if stages < 1 or microbatches < 1 or repeats < 1:
+        raise ConfigError(f"mesh.stage={stages}, train.microbatches={microbatches} and "
+                          f"train.pipeline_repeats={repeats} must be positive")
+    if (stages, microbatches, repeats) == (1, 1, 1):
+        return
+    if not scan_layers:
+        raise ConfigError("pipeline parallelism (mesh.stage > 1 or train.microbatches > 1) needs model.scan_layers=True")
+    if num_experts:
+        raise ConfigError("pipeline parallelism does not support mixture-of-experts models yet "
+                          f"(model.num_experts={num_experts}); use mesh.stage=1 and train.microbatches=1")
+    if num_layers % (stages * repeats):
+        what = f"mesh.stage={stages}" if repeats == 1 else \
+            f"mesh.stage x train.pipeline_repeats = {stages} x {repeats}"
+        raise ConfigError(f"model.num_layers={num_layers} is not divisible by {what}")
+    if repeats > 1 and microbatches < stages:
+        raise ConfigError(f"a circular pipeline (train.pipeline_repeats={repeats}) needs "
+                          f"train.microbatches={microbatches} >= mesh.stage={stages}")
+    if batch_size is not None and batch_size % (microbatches * batch_ways):
+        raise ConfigError(f"data.batch_size={batch_size} is not divisible by train.microbatches x batch mesh axes "
+                          f"= {microbatches} x {batch_ways}")
+
+
+def check_pipeline_settings(config: Mapping) -> None:
+    """:func:`check_pipeline` on what a train config fixes before any device is seen: ``mesh.stage``,
+    ``train.microbatches``, ``train.pipeline_repeats``, ``model.num_layers`` (unless ``init_from`` replaces the
+    model) and ``data.batch_size`` over ``mesh.data x mesh.fsdp`` when both are given (not -1). The training loop
+    repeats the check with the resolved mesh."""
+    train, mesh = config.get("train", {}), config.get("mesh", {})
+    stages, micro = int(mesh.get("stage", 1)), int(train.get("microbatches", 1))
+    repeats = int(train.get("pipeline_repeats", 1))
+    if stages == -1:
+        raise ConfigError("mesh.stage=-1: give the number of pipeline stages explicitly")
+    model = config.get("model", {})
+    pretrained = bool(config.get("init_from", ""))
+    ways = [int(mesh.get(a, 1)) for a in ("data", "fsdp", "expert")]
+    check_pipeline(
+        int(model.get("num_layers", 0)) if not pretrained else stages * repeats, stages, micro, repeats,
+        scan_layers=bool(model.get("scan_layers", True)), num_experts=0 if pretrained else int(model.get("num_experts", 0)),
+        batch_size=int(lookup(config, "data.batch_size")) if -1 not in ways else None,
+        batch_ways=ways[0] * ways[1] * ways[2],
+    )

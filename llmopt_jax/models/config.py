@@ -56,6 +56,12 @@ class ModelConfig:
     moe_capacity_factor: float = 1.25
     moe_z_loss_weight: float = 1e-3
     moe_load_balance_weight: float = 1e-2
+    # Pipeline parallelism (parallel/pipeline.py), set from mesh.stage / train.microbatches /
+    # train.pipeline_repeats by the training loop: the scanned layers run as `pipeline_stages` stages over
+    # `pipeline_microbatches` microbatches (1/1/1 = no pipeline). Only the uncached forward is pipelined.
+    pipeline_stages: int = 1
+    pipeline_microbatches: int = 1
+    pipeline_repeats: int = 1
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -78,6 +84,16 @@ class ModelConfig:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}; choose one of {tuple(DTYPES)}")
         if self.num_experts:
             self._check_moe()
+        if self.pipelined:
+            from llmopt_jax.config_checks import check_pipeline
+
+            check_pipeline(self.num_layers, self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats,
+                           scan_layers=self.scan_layers, num_experts=self.num_experts)
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the uncached forward runs its layers as a pipeline (parallel/pipeline.py)."""
+        return (self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats) != (1, 1, 1)
 
     def _check_moe(self) -> None:
         if self.num_experts < 0:

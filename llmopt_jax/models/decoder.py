@@ -213,6 +213,8 @@ class Decoder(nnx.Module):
     def _run_layers(self, x, positions, cache: KVCache | None, segment_ids: jax.Array | None = None):
         """``(x, (keys, values) or None, per-layer MoeAux: stacked, a list, or None when dense)``."""
         starts = None if cache is None else cache.lengths
+        if self.cfg.pipelined and cache is None:
+            return self._run_pipelined(x, positions, segment_ids), None, None
 
         def block_fn(graphdef, block_state, x, kv):
             return nnx.merge(graphdef, block_state)(x, positions, kv, starts, return_aux=True,
@@ -250,6 +252,29 @@ class Decoder(nnx.Module):
         if cache is None:
             return x, None, auxes
         return x, (jnp.stack(new_keys), jnp.stack(new_values)), auxes
+
+    def _run_pipelined(self, x, positions, segment_ids):
+        """The scanned layers as a GPipe pipeline over the mesh axis ``stage`` (``parallel/pipeline.py``):
+        ``x`` ``[B, L, D]`` -> ``[B, L, D]``, equal to the plain scan."""
+        from llmopt_jax.parallel.pipeline import pipeline_layers
+
+        cfg = self.cfg
+        graphdef, state = nnx.split(self.layers)
+
+        def block_fn(block_state, x, side):
+            pos, seg = side
+            return nnx.merge(graphdef, block_state)(x, pos, segment_ids=seg)[0]
+
+        if cfg.remat != "none":
+            block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[cfg.remat])
+
+        def stage_fn(chunk_state, x, side):  # one stage's consecutive layers on one microbatch
+            return jax.lax.scan(lambda x, layer: (block_fn(layer, x, side), None), x, chunk_state)[0]
+
+        return pipeline_layers(
+            stage_fn, state, x, (positions, segment_ids), stages=cfg.pipeline_stages,
+            microbatches=cfg.pipeline_microbatches, repeats=cfg.pipeline_repeats, constrain=self.constrain,
+        )
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens."""

@@ -41,6 +41,9 @@ def compile_train_step_abstract(config: ConfigDict) -> dict:
     rules = normalize_rules(config.sharding_rules)
     micro, accum, seq_len = int(config.data.batch_size), int(config.data.grad_accum), int(config.data.seq_len)
     check_batch_fits_mesh(micro, mesh, rules)
+    from llmopt_jax.parallel import pipeline
+
+    model_cfg = pipeline.configure(model_cfg, config, mesh, rules)  # mesh.stage / train.microbatches (GPipe)
     optimizer = make_optimizer(optimizer_config(config))
 
     graphdef, params = abstract_model(model_cfg, mesh, rules, seed=int(config.seed))

@@ -151,6 +151,9 @@ def train(config: ConfigDict, workdir: str) -> dict:
     mesh = create_mesh(config.mesh)
     rules = normalize_rules(config.sharding_rules)
     check_batch_fits_mesh(micro, mesh, rules)
+    from llmopt_jax.parallel import pipeline
+
+    model_cfg = pipeline.configure(model_cfg, config, mesh, rules)  # mesh.stage / train.microbatches (GPipe)
     optim_cfg = optimizer_config(config)
     if optim_cfg["warmup_steps"] != int(config.optim.warmup_steps) and jax.process_index() == 0:
         print(f"note: optim.warmup_steps={int(config.optim.warmup_steps)} does not fit a run of "
