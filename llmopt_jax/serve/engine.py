@@ -36,7 +36,7 @@ from flax import nnx
 from llmopt_jax.errors import ConfigError
 from llmopt_jax.models.kv_cache import KVCache
 from llmopt_jax.serve.kv_pages import NULL_PAGE, PagedKV, PagePool, gather_pages, scatter_tokens
-from llmopt_jax.serve.scheduler import PrefillChunk, SamplingParams, Scheduler, Sequence_
+from llmopt_jax.serve.scheduler import MODES, POLICIES, PrefillChunk, SamplingParams, Scheduler, Sequence_
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -62,6 +62,12 @@ class EngineConfig:
                      "min_batch_bucket", "min_pages_bucket"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"engine.{name} must be positive, got {getattr(self, name)}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"engine.policy={self.policy!r}; choose one of {POLICIES}")
+        if self.mode not in MODES:
+            raise ConfigError(f"engine.mode={self.mode!r}; choose one of {MODES}")
+        if self.max_model_len < 0:
+            raise ConfigError(f"engine.max_model_len must be >= 0 (0 = the model's context), got {self.max_model_len}")
 
 
 @dataclasses.dataclass
