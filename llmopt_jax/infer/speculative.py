@@ -23,7 +23,7 @@ Cache bookkeeping. Sequence ``b`` has committed tokens ``x_0 .. x_n`` (``n = tar
 target cache holds ``x_0 .. x_{n-1}`` and ``last = x_n`` is fed at the start of the next verify pass. Rejected
 tokens are rolled back by lowering ``lengths`` only: a slot beyond a sequence's length is masked by causality and
 overwritten later. The draft cache may lag by one token (after a round where every draft was accepted, the draft
-never saw the last one), so each round starts the draft with the two tokens ``[prev, last]`` at ``n - 1`` and ``n``:
+never saw the last one), so each draft step feeds two tokens, ``[prev, last]`` at ``n - 1`` and ``n`` first:
 rewriting ``prev`` is harmless and the draft cache needs no separate length.
 """
 
@@ -106,7 +106,7 @@ def speculative_round(
     num_draft: int,
     active: jax.Array | None = None,
 ) -> tuple[SpecState, jax.Array, jax.Array, jax.Array]:
-    """One propose/verify round: ``num_draft`` (``k``) draft forward passes, one target pass over ``k + 1`` tokens.
+    """One propose/verify round: ``num_draft`` (``k``) draft passes of 2 tokens, one target pass over ``k + 1`` tokens.
 
     Returns ``(state, tokens, num_new, num_accepted)``: ``tokens`` int32 ``[B, k + 1]`` whose first ``num_new``
     int32 ``[B]`` (``1 .. k + 1``) entries are the newly committed tokens (accepted drafts, then the target's
@@ -125,22 +125,20 @@ def speculative_round(
         active = jnp.ones_like(n, dtype=bool)
     draft_keys = jax.random.split(jax.random.fold_in(key, 0), k)
 
-    # Propose: [prev, last] first (the draft cache may lack prev), then one token at a time.
-    dcache = dataclasses.replace(state.draft_cache, lengths=n - 1)
-    logits, dcache = draft(jnp.stack([state.prev, state.last], axis=1), cache=dcache)
-    q0 = _processed(logits[:, -1], sampling)
-    d0 = _pick(q0, draft_keys[0], sampling)
-
+    # Propose: every draft step feeds two tokens, the previous one again (harmless: the same key/value at the same
+    # slot) and the newest. The first step needs that (the draft cache may lack prev); making every step alike
+    # puts one copy of the draft in the compiled program instead of two.
     def propose(carry, step_key):
-        tok, cache = carry
-        logits, cache = draft(tok[:, None], cache=cache)
+        prev, tok, cache = carry
+        start = cache.lengths
+        logits, cache = draft(jnp.stack([prev, tok], axis=1), cache=cache)
         q = _processed(logits[:, -1], sampling)
         nxt = _pick(q, step_key, sampling)
-        return (nxt, cache), (nxt, q)
+        return (tok, nxt, dataclasses.replace(cache, lengths=start + 1)), (nxt, q)
 
-    (_, dcache), (rest, q_rest) = jax.lax.scan(propose, (d0, dcache), draft_keys[1:])
-    drafts = jnp.concatenate([d0[:, None], rest.T], axis=1)  # [B, k]
-    q_logits = jnp.concatenate([q0[:, None], jnp.swapaxes(q_rest, 0, 1)], axis=1)  # [B, k, V]
+    dcache = dataclasses.replace(state.draft_cache, lengths=n - 1)
+    (_, _, dcache), (drafts, q_logits) = jax.lax.scan(propose, (state.prev, state.last, dcache), draft_keys)
+    drafts, q_logits = drafts.T, jnp.swapaxes(q_logits, 0, 1)  # [B, k], [B, k, V]
 
     # Verify: the target scores last and all k drafts in one pass; p[:, i] is its distribution for drafts[:, i].
     seq = jnp.concatenate([state.last[:, None], drafts], axis=1)  # [B, k + 1] = x_n, d_1 .. d_k
