@@ -11,6 +11,11 @@ kept, so ``model_bytes`` (:func:`held_bytes`) is the memory these arrays really 
 a ``PackedTensor`` it unpacks and dequantizes that one kernel inside the jitted step and multiplies; the float
 weights of the whole model never exist at once (with scanned layers, one layer's at a time).
 
+Ternary grids (QMoE's ``{lo, 0, hi}``) are stored by ``compress/codec.py``'s dictionary code instead
+(:class:`~llmopt_jax.compress.codec.TernaryCodec`, under one bit per weight); :func:`pack_matrix` and
+:func:`pack_params` hand them over, and everything here that runs or counts packed kernels takes any leaf with
+``is_packed`` and a ``dequantize(dtype)`` method.
+
 Why our own format rather than Qwix/AQT: both keep int4/int3/int2 codes in one byte per value on CPU (XLA's
 ``int4``/``int2`` dtypes are not packed there), neither has asymmetric int3/int2, and neither takes codes from
 an outside solver without their own containers; see the quantization issue's note.
@@ -117,10 +122,20 @@ class PackedTensor:
         return w.T.reshape(ids.shape + (codes.shape[0],)).astype(dtype)
 
 
-def pack_matrix(qm: QuantizedMatrix, kernel_shape: tuple[int, ...], n_in: int = 1) -> PackedTensor:
+def is_packed(x) -> bool:
+    """True for a packed kernel of any format (:class:`PackedTensor`, ``codec.TernaryCodec``)."""
+    return isinstance(x, PackedTensor) or getattr(x, "is_packed", False) is True
+
+
+def pack_matrix(qm: QuantizedMatrix, kernel_shape: tuple[int, ...], n_in: int = 1, dictionary=None):
     """Packs a :class:`QuantizedMatrix` (``[outputs, inputs]`` layout; optionally stacked ``[layers, ...]``) as
-    the kernel of shape ``kernel_shape`` (one layer) whose first ``n_in`` dims are inputs."""
+    the kernel of shape ``kernel_shape`` (one layer) whose first ``n_in`` dims are inputs. A ternary grid gives a
+    ``codec.TernaryCodec`` (``dictionary``: its codeword table; default one fitted to this matrix)."""
     grid = qm.grid
+    if grid.ternary:
+        from llmopt_jax.compress.codec import encode_matrix
+
+        return encode_matrix(qm, tuple(kernel_shape), n_in, dictionary)
     codes, scale, offset = (jnp.asarray(a) for a in (qm.codes, qm.scale, qm.offset))
     stacked = codes.ndim == 3
 
@@ -155,23 +170,30 @@ def pack_embedding(pure: dict, grid) -> dict:
 
 
 def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """``jax.lax.dot_general`` that accepts a :class:`PackedTensor` right operand (dequantized in the step)."""
-    if isinstance(rhs, PackedTensor):
+    """``jax.lax.dot_general`` that accepts a packed right operand (a :class:`PackedTensor` or a ternary
+    ``codec.TernaryCodec``), dequantized (decoded) in the step."""
+    if is_packed(rhs):
         rhs = rhs.dequantize(lhs.dtype)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
 
 
-def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int]) -> dict:
+def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int], dictionary=None) -> dict:
     """``pure`` params with every kernel that has a record in ``quantized`` (``compress_sequentially``'s
-    ``report["quantized"]``) replaced by its :class:`PackedTensor`; other leaves unchanged."""
+    ``report["quantized"]``) replaced by its :class:`PackedTensor` (ternary records: ``codec.TernaryCodec``s
+    sharing ``dictionary``, default one fitted to all of them); other leaves unchanged."""
+    if dictionary is None and quantized:
+        from llmopt_jax.compress.codec import records_dictionary
+
+        dictionary = records_dictionary(quantized)
+
     def walk(params, records, name=None):
         if isinstance(records, QuantizedMatrix):
             shape = np.shape(params)
-            if isinstance(params, PackedTensor):
+            if is_packed(params):
                 raise ConfigError("this tensor is already packed")
             one_layer = shape[1:] if records.codes.ndim == 3 else shape
-            return pack_matrix(records, one_layer, kernel_input_dims.get(name, 1))
+            return pack_matrix(records, one_layer, kernel_input_dims.get(name, 1), dictionary)
         if isinstance(records, dict):
             out = dict(params)
             for key, sub in records.items():
@@ -199,8 +221,8 @@ def packed_model(cfg, pure: dict, dot_general=None, mesh=None, rules=None) -> tu
     graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(cfg, 0, mesh, rules,
                                                                       dot_general or packed_dot_general)))
     state = jax.tree.map(lambda x: x, abstract)
-    cast = lambda x: x if isinstance(x, PackedTensor) else jnp.asarray(x, cfg.weight_dtype)  # noqa: E731
-    nnx.replace_by_pure_dict(state, jax.tree.map(cast, pure, is_leaf=lambda x: isinstance(x, PackedTensor)))
+    cast = lambda x: x if is_packed(x) else jnp.asarray(x, cfg.weight_dtype)  # noqa: E731
+    nnx.replace_by_pure_dict(state, jax.tree.map(cast, pure, is_leaf=is_packed))
     if mesh is not None:
         check_divisible(abstract, mesh, rules)
         state = jax.device_put(state, packed_shardings(state, abstract, mesh, rules))
@@ -222,6 +244,8 @@ def packed_shardings(state, abstract, mesh, rules):
 
     def one(var, float_var, float_sharding):
         value = var.get_value() if isinstance(var, nnx.Variable) else var
+        if is_packed(value) and not isinstance(value, PackedTensor):  # a codec's variable-length stream: replicated
+            return float_sharding.replace(jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), value))
         if not isinstance(value, PackedTensor):
             return float_sharding
         lead = value.data.ndim - 2  # stacked layers
@@ -258,16 +282,23 @@ def _flattened_axes(specs: tuple, sizes: tuple):
 
 def block_linear_sizes(pure: dict) -> tuple[int, int]:
     """``(bytes held, weights stood for)`` by the decoder blocks' linear kernels in ``pure``: packed ones count
-    their codes, scales and offsets or zero-points, float ones their dtype's width."""
-    is_packed = lambda x: isinstance(x, PackedTensor)  # noqa: E731
+    their codes, scales and offsets or zero-points, float ones their dtype's width; ternary codec kernels their
+    codewords, offsets and levels, plus each distinct codeword dictionary once."""
     flat = jax.tree_util.tree_flatten_with_path(pure["layers"], is_leaf=is_packed)[0]
     held = weights = 0
+    dictionaries = {}
     for path, leaf in flat:
         if getattr(path[-1], "key", None) != "kernel":
             continue
         held += tree_bytes(leaf)
-        weights += int(np.size(leaf.data)) * 8 // leaf.bits if is_packed(leaf) else int(np.size(leaf))
-    return held, weights
+        if isinstance(leaf, PackedTensor):
+            weights += int(np.size(leaf.data)) * 8 // leaf.bits
+        elif is_packed(leaf):
+            weights += leaf.num_weights
+            dictionaries[leaf.dictionary.digest] = leaf.dictionary.nbytes
+        else:
+            weights += int(np.size(leaf))
+    return held + sum(dictionaries.values()), weights
 
 
 def block_bits_per_weight(pure: dict) -> float:

@@ -18,7 +18,16 @@ how values are rounded: ``bits`` in 2..8, symmetric or asymmetric, and one scale
   mean is not zero that shift adds up in the output (on SmolLM2, RTN 3-bit per channel gives perplexity 14,589 on
   this grid vs 323 with an integer zero-point, on the quantization case study's close text).
 
-Every grid is stored as ``w ≈ scale·q + offset`` per group; with an integer zero-point ``offset = -z·scale``
+- ternary (``ternary=True``, QMoE's grid, Frantar & Alistarh 2023): three levels per group ``{lo, 0, hi}`` with
+  ``lo = min(min w, 0)`` and ``hi = max(max w, 0)`` (an all-zero group gets ``{-1, 0, 1}``; ``symmetric`` makes
+  ``lo = -hi`` where the group has a negative weight, QMoE's ``sym`` rule). Codes are ``-1, 0, 1`` (int8) and a
+  weight becomes ``hi`` when ``w > hi/2``, ``lo`` when ``w < lo/2`` and 0 otherwise (strict inequalities, as in
+  the qmoe repository's ``quantize``). The grid is not affine in the code, so ``scale`` holds ``hi`` and
+  ``offset`` holds ``lo`` (QMoE repurposes its ``scale``/``zero`` the same way) and :func:`dequantize_grid`
+  maps codes to levels. ``bits`` stays 2 (what a plain 2-bit packing of the codes takes); ``compress/codec.py``
+  stores them in under one bit.
+
+Every other grid is stored as ``w ≈ scale·q + offset`` per group; with an integer zero-point ``offset = -z·scale``
 exactly (a float16 scale times an integer below 2^8 is exact in float32), and :attr:`QuantizedMatrix.zero`
 recovers ``z``.
 
@@ -61,8 +70,11 @@ class QuantGrid:
     symmetric: bool = False
     per_tensor: bool = False
     zero_point: str = "int"  # asymmetric grids: "int" (GPTQ reference, 0 exact) or "float" (llama.cpp Q4_1)
+    ternary: bool = False  # QMoE's {lo, 0, hi} grid (module docstring); needs bits=2
 
     def __post_init__(self):
+        if self.ternary and self.bits != 2:
+            raise ConfigError(f"a ternary grid has codes -1/0/1 and bits=2, got bits={self.bits!r}")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(f"bits must be an integer in 2..8, got {self.bits!r}")
         if self.zero_point not in ZERO_POINTS:
@@ -75,6 +87,8 @@ class QuantGrid:
     @property
     def levels(self) -> tuple[int, int]:
         """Smallest and largest integer code."""
+        if self.ternary:
+            return -1, 1
         if self.symmetric:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return 0, 2**self.bits - 1
@@ -82,16 +96,16 @@ class QuantGrid:
     @property
     def integer_zero(self) -> bool:
         """True when the grid has an integer zero-point (asymmetric, ``zero_point="int"``)."""
-        return not self.symmetric and self.zero_point == "int"
+        return not self.ternary and not self.symmetric and self.zero_point == "int"
 
     @property
     def zero_exact(self) -> bool:
-        """True when 0 is always a level (symmetric, or an integer zero-point)."""
-        return self.symmetric or self.zero_point == "int"
+        """True when 0 is always a level (symmetric, an integer zero-point, or ternary)."""
+        return self.ternary or self.symmetric or self.zero_point == "int"
 
     @property
     def code_dtype(self):
-        return jnp.int8 if self.symmetric else jnp.uint8
+        return jnp.int8 if self.symmetric or self.ternary else jnp.uint8
 
     def group_width(self, cols: int) -> int:
         """Inputs per group for a matrix with ``cols`` inputs; raises if ``group_size`` does not divide it."""
@@ -106,7 +120,10 @@ class QuantGrid:
 
     @property
     def param_bits(self) -> int:
-        """Bits stored per group besides the codes: a float16 scale, plus a uint8 zero-point or a float16 offset."""
+        """Bits stored per group besides the codes: a float16 scale, plus a uint8 zero-point or a float16 offset
+        (ternary: the two float16 levels)."""
+        if self.ternary:
+            return 32
         return 16 + (0 if self.symmetric else 8 if self.integer_zero else 16)
 
     def storage_bits(self, rows: int, cols: int) -> int:
@@ -116,14 +133,17 @@ class QuantGrid:
 
     def describe(self) -> str:
         layout = "per tensor" if self.per_tensor else ("per channel" if self.group_size <= 0 else f"g{self.group_size}")
+        if self.ternary:
+            return f"ternary {'sym' if self.symmetric else '{min,0,max}'} {layout}"
         kind = "sym" if self.symmetric else "asym" if self.integer_zero else "asym-float-offset"
         return f"{self.bits}-bit {kind} {layout}"
 
 
 @struct.dataclass
 class QuantizedMatrix:
-    """Integer codes ``[rows, cols]`` (int8 symmetric / uint8 asymmetric) and float32 ``scale``/``offset``
-    ``[rows or 1, groups]`` (float16-exact; offset is zero when symmetric). ``dequantize()`` gives the weights."""
+    """Integer codes ``[rows, cols]`` (int8 symmetric or ternary / uint8 asymmetric) and float32 ``scale``/``offset``
+    ``[rows or 1, groups]`` (float16-exact; offset is zero when symmetric; ternary: the levels ``hi``/``lo``).
+    ``dequantize()`` gives the weights."""
 
     codes: jax.Array
     scale: jax.Array
@@ -132,7 +152,7 @@ class QuantizedMatrix:
 
     def dequantize(self) -> jax.Array:
         """Float32 ``[rows, cols]`` weights the codes stand for."""
-        return dequantize(self.codes, self.scale, self.offset)
+        return dequantize_grid(self.codes, self.scale, self.offset, self.grid)
 
     @property
     def zero(self) -> jax.Array:
@@ -140,6 +160,8 @@ class QuantizedMatrix:
         symmetric grid). Only defined for grids with :attr:`QuantGrid.zero_exact`."""
         if not self.grid.zero_exact:
             raise ConfigError("a float-offset grid has no integer zero-point")
+        if self.grid.ternary:  # code 0 is the level 0
+            return jnp.zeros(self.scale.shape, jnp.int32)
         return zero_codes(self.scale, self.offset)
 
 
@@ -147,6 +169,14 @@ def _fit_groups(groups: jax.Array, grid: QuantGrid) -> tuple[jax.Array, jax.Arra
     """Scale and offset (float16-rounded, float32) of each row of ``groups`` ``[..., width]`` -> ``[...]``."""
     lo, hi = grid.levels
     f16 = lambda a: a.astype(jnp.float16).astype(jnp.float32)  # noqa: E731
+    if grid.ternary:  # QMoE: [min, max] widened to include 0, an all-zero group gets [-1, 1]
+        gmin = jnp.minimum(jnp.min(groups, axis=-1), 0.0)
+        gmax = jnp.maximum(jnp.max(groups, axis=-1), 0.0)
+        if grid.symmetric:  # QMoE's sym rule: the larger magnitude, mirrored where the group has a negative weight
+            gmax = jnp.maximum(-gmin, gmax)
+            gmin = jnp.where(gmin < 0, -gmax, gmin)
+        empty = (gmin == 0) & (gmax == 0)
+        return f16(jnp.where(empty, 1.0, gmax)), f16(jnp.where(empty, -1.0, gmin))
     if grid.symmetric:
         idx = jnp.argmax(jnp.abs(groups), axis=-1)
         signed_max = jnp.take_along_axis(groups, idx[..., None], axis=-1)[..., 0]
@@ -187,6 +217,8 @@ def zero_codes(scale: jax.Array, offset: jax.Array) -> jax.Array:
 def _nearest_level(x: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
     """The level (an integer, as float32) nearest to each ``x`` on the grid ``scale·q + offset`` (same shapes)."""
     lo, hi = grid.levels
+    if grid.ternary:  # scale = hi, offset = lo; thresholds at half of each level, strict as in QMoE
+        return jnp.where(x > scale / 2, 1.0, jnp.where(x < offset / 2, -1.0, 0.0))
     safe = jnp.where(scale == 0, 1.0, scale)
     if grid.integer_zero:  # round(w / d) + z, as the reference quantizer does (z = -offset / d exactly)
         return jnp.clip(jnp.round(x / safe) + zero_codes(scale, offset), lo, hi)
@@ -205,9 +237,22 @@ def dequantize(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Arr
     return _expand(scale, rows, cols) * codes.astype(jnp.float32) + _expand(offset, rows, cols)
 
 
+def _levels(q: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
+    """The value of code ``q`` (any int or float dtype) with its group's ``scale``/``offset`` (same shapes)."""
+    if grid.ternary:
+        return jnp.where(q > 0, scale, jnp.where(q < 0, offset, 0.0))
+    return scale * q.astype(jnp.float32) + offset
+
+
+def dequantize_grid(codes: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
+    """Float32 ``[rows, cols]`` weights of ``codes`` on ``grid`` (:func:`dequantize`, or ternary levels)."""
+    rows, cols = codes.shape
+    return _levels(codes, _expand(scale, rows, cols), _expand(offset, rows, cols), grid)
+
+
 def quantize_column(col: jax.Array, scale: jax.Array, offset: jax.Array, grid: QuantGrid) -> jax.Array:
     """One column ``[rows]`` rounded to the grid with per-row ``scale``/``offset`` ``[rows]`` (float32)."""
-    return scale * _nearest_level(col, scale, offset, grid) + offset
+    return _levels(_nearest_level(col, scale, offset, grid), scale, offset, grid)
 
 
 def _check_matrix(w, grid: QuantGrid) -> None:

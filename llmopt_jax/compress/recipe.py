@@ -78,9 +78,10 @@ def sparsegpt(
 
 
 def rtn(bits: int = 4, group_size: int = -1, symmetric: bool = False, per_tensor: bool = False,
-        zero_point: str = "int") -> MatrixTransform:
-    """Round-to-nearest on a ``bits``-bit grid (no calibration statistics needed)."""
-    grid = QuantGrid(bits, group_size, symmetric, per_tensor, zero_point)
+        zero_point: str = "int", ternary: bool = False) -> MatrixTransform:
+    """Round-to-nearest on a ``bits``-bit grid, or QMoE's ternary grid with ``ternary`` (``bits`` is then 2; no
+    calibration statistics needed)."""
+    grid = QuantGrid(2 if ternary else bits, group_size, symmetric, per_tensor, zero_point, ternary=ternary)
 
     def apply(w: jax.Array, stats: InputStats | None) -> tuple[jax.Array, dict]:
         new_w, qm = rtn_quantize(w, grid)
@@ -94,9 +95,11 @@ def rtn(bits: int = 4, group_size: int = -1, symmetric: bool = False, per_tensor
 def gptq(
     bits: int = 4, group_size: int = -1, symmetric: bool = False, act_order: bool = False,
     static_groups: bool = False, blocksize: int = 128, damp_fraction: float = 0.01, zero_point: str = "int",
+    ternary: bool = False,
 ) -> MatrixTransform:
-    """GPTQ on a ``bits``-bit grid with the layer's input Hessian."""
-    grid = QuantGrid(bits, group_size, symmetric, zero_point=zero_point)
+    """GPTQ on a ``bits``-bit grid with the layer's input Hessian (``ternary``: QMoE's ternary grid, ``bits`` 2;
+    QMoE dampens with ``damp_fraction=0.1``)."""
+    grid = QuantGrid(2 if ternary else bits, group_size, symmetric, zero_point=zero_point, ternary=ternary)
     if blocksize < 1 or not 0 <= damp_fraction:
         raise ConfigError(f"gptq needs blocksize >= 1 and damp_fraction >= 0, got {blocksize}, {damp_fraction}")
 

@@ -1,0 +1,472 @@
+"""QMoE's sub-1-bit codec for ternary weights: a dictionary of 16-bit codewords for variable-length runs.
+
+QMoE (Frantar & Alistarh, 2023) stores ternary expert weights (codes ``-1, 0, 1``, ~90 % zeros) in under one bit
+each. Its format, which this module reproduces with our own code:
+
+- the ternary symbols of each output row are read in pairs (9 pair values), and a row is parsed greedily
+  (longest match) into entries of a dictionary of up to 2^16 runs of 1..14 pairs; each entry is one 16-bit
+  codeword (``uint16``). Parsing restarts at every row, so rows decode independently;
+- the dictionary is the set of the most probable pair sequences under a memoryless model of the pair
+  frequencies (best-first growth from the empty sequence: every prefix of an entry is an entry, all 9 single
+  pairs are entries, so any row parses). QMoE fixes the model at 88.5 % zeros; :func:`build_dictionary`
+  fits it to the data's pair frequencies (the variable-to-fixed code of Tunstall, 1967, in its "every node is a
+  codeword" form) or takes a zero fraction (:func:`qmoe_dictionary`);
+- per row: an int32 offset into the codeword stream (``offsets [rows + 1]``) and the two float16 levels
+  ``(lo, hi)`` of the ternary grid (``compress/quantize.py``, ``QuantGrid(2, ternary=True)``).
+
+The decoder holds the dictionary as ``uint32 [num_codes, 2]``: the 28 two-bit symbols of an entry (0 = zero,
+1 = ``lo``, 2 = ``hi``), 14 per word from the low bits, and its length in pairs in the top 4 bits of word 0
+(QMoE's table packs 7 pairs and a length per word the same way). One dictionary serves a whole model, so
+:func:`bits_per_param` counts it once per distinct dictionary, next to the codes, offsets and levels: every byte
+the decoder needs.
+
+Encoding is host-side NumPy (deterministic: fixed tie-breaks, no hashing order); decoding is XLA
+(:meth:`TernaryCodec.symbols`): a gather of each codeword's length, a prefix sum for where its run starts, a
+scatter of one mark per run and a cumulative sum that tells every output position its codeword, then a gather of
+the symbol from the dictionary. :class:`TernaryCodec` is a pytree with ``is_packed``, so
+``compress/packed.py``'s ``packed_dot_general`` decodes it inside the jitted step and multiplies (decode, then
+matmul); QMoE's CUDA kernel instead fuses decoding into a matrix-vector product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import time
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from llmopt_jax.errors import ConfigError
+
+NUM_PAIRS = 9  # pair values s0 + 3·s1 of two ternary symbols
+PAIRS_PER_WORD = 7  # a uint32 word: 14 two-bit symbols, and 4 bits of the entry's length (in pairs) on top
+SYMS_PER_WORD = 2 * PAIRS_PER_WORD
+MAX_PAIRS = 14  # QMoE's entries: up to 14 pairs in two words
+DEFAULT_MAX_PAIRS = 21  # ours: three words, a lower rate at ~90 % zeros and above (module docstring)
+MAX_PAIRS_LIMIT = 28  # four words: the length (<= 28) still fits its 4-bit nibbles
+MAX_CODES = 2**16  # codewords are uint16
+QMOE_ZERO_FRACTION = 0.885  # the zero probability QMoE's fixed dictionary assumes
+
+# ternary code -> stored symbol: 0 -> 0, -1 (the level lo) -> 1, +1 (the level hi) -> 2, as in QMoE's table
+_SYMBOL_OF_CODE = np.array([1, 0, 2], np.uint8)  # indexed by code + 1
+_CODE_OF_SYMBOL = np.array([0, -1, 1], np.int8)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TernaryDictionary:
+    """The codeword dictionary (module docstring). Hashable by content, so it can be a static pytree field.
+
+    ``words`` uint32 ``[num_codes, 2]`` is what the decoder holds; ``child`` int32 ``[num_codes + 1, 9]`` is the
+    encoder's trie (row ``num_codes`` is the root; -1: no such entry), not held by a compressed model.
+    """
+
+    words: np.ndarray
+    child: np.ndarray
+    pair_probs: tuple[float, ...]
+    digest: str
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TernaryDictionary) and other.digest == self.digest
+
+    @property
+    def num_codes(self) -> int:
+        return int(self.words.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the decoder holds (the ``words`` table)."""
+        return int(self.words.nbytes)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Entry lengths in pairs, int32 ``[num_codes]``."""
+        return _lengths(self.words)
+
+    def table(self) -> jax.Array:
+        """``words`` as one device array per process (one constant however many kernels decode with it)."""
+        return _device_table(self)
+
+    def entries(self) -> np.ndarray:
+        """Every entry's ternary codes int8 ``[num_codes, 2·max length]``, zero past each entry's length."""
+        k = np.arange(SYMS_PER_WORD * self.words.shape[1])
+        sym = (self.words[:, k // SYMS_PER_WORD] >> (2 * (k % SYMS_PER_WORD)).astype(np.uint32)) & 3
+        return _CODE_OF_SYMBOL[sym]
+
+    def entry(self, i: int) -> np.ndarray:
+        """Ternary codes int8 ``[2·length]`` of entry ``i``."""
+        k = np.arange(2 * int(self.lengths[i]))
+        return _CODE_OF_SYMBOL[(self.words[i, k // SYMS_PER_WORD] >> (2 * (k % SYMS_PER_WORD)).astype(np.uint32)) & 3]
+
+
+def _lengths(words):
+    """Entry lengths in pairs ``[num_codes]`` from the 4-bit nibbles on top of each word (NumPy or JAX)."""
+    xp = np if isinstance(words, np.ndarray) else jnp
+    nibbles = (words >> 28).astype(xp.int32) << (4 * xp.arange(words.shape[1], dtype=xp.int32))
+    return nibbles.sum(axis=1).astype(xp.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _device_table(dictionary: TernaryDictionary) -> jax.Array:
+    with jax.ensure_compile_time_eval():  # a concrete array even when first asked for inside a trace
+        return jnp.asarray(dictionary.words)
+
+
+def _pair_values(codes: np.ndarray) -> np.ndarray:
+    """Ternary codes int ``[R, cols]`` -> pair values uint8 ``[R, ceil(cols/2)]`` (an odd row gets a zero)."""
+    codes = np.asarray(codes)
+    if codes.size and (codes.min() < -1 or codes.max() > 1):
+        raise ConfigError(f"ternary codes must be -1, 0 or 1; got values in [{codes.min()}, {codes.max()}]")
+    sym = _SYMBOL_OF_CODE[codes.astype(np.int64) + 1]
+    if sym.shape[-1] % 2:
+        sym = np.concatenate([sym, np.zeros(sym.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (sym[..., 0::2] + 3 * sym[..., 1::2]).astype(np.uint8)
+
+
+def pair_counts(codes_list: Iterable[Any]) -> np.ndarray:
+    """Counts int64 ``[9]`` of the pair values of ternary code arrays ``[..., cols]`` (rows read in pairs)."""
+    counts = np.zeros(NUM_PAIRS, np.int64)
+    for codes in codes_list:
+        c = np.asarray(codes)
+        counts += np.bincount(_pair_values(c.reshape(-1, c.shape[-1])).ravel(), minlength=NUM_PAIRS)
+    return counts
+
+
+def build_dictionary(
+    codes_list: Iterable[Any] = (), *, counts: Any = None, zero_fraction: float | None = None,
+    num_codes: int = MAX_CODES, max_pairs: int = DEFAULT_MAX_PAIRS,
+) -> TernaryDictionary:
+    """The ``num_codes`` most probable pair sequences (up to ``max_pairs`` pairs) under a memoryless model of the
+    pairs, fitted to the ternary code arrays ``codes_list`` (or given as pair ``counts`` ``[9]``, or as a
+    ``zero_fraction`` with the rest split evenly between -1 and 1, QMoE's choice). Add-one smoothing keeps every
+    pair possible. Equal inputs give an equal (and, within a process, the same) dictionary."""
+    if zero_fraction is not None:
+        if not 0 < zero_fraction < 1:
+            raise ConfigError(f"zero_fraction must be in (0, 1), got {zero_fraction}")
+        p = np.array([zero_fraction, (1 - zero_fraction) / 2, (1 - zero_fraction) / 2])
+        probs = np.outer(p, p).ravel()  # pair s0 + 3·s1: index [s1, s0] of the outer product, symmetric here
+    else:
+        c = pair_counts(codes_list) if counts is None else np.asarray(counts, np.float64)
+        if c.shape != (NUM_PAIRS,):
+            raise ConfigError(f"pair counts must have shape (9,), got {c.shape}")
+        probs = (c + 1.0) / (c.sum() + NUM_PAIRS)
+    if not NUM_PAIRS <= num_codes <= MAX_CODES or not 1 <= max_pairs <= MAX_PAIRS_LIMIT:
+        raise ConfigError(f"num_codes must be in [9, {MAX_CODES}] and max_pairs in [1, {MAX_PAIRS_LIMIT}], "
+                          f"got {num_codes}, {max_pairs}")
+    return _build(tuple(float(x) for x in probs), int(num_codes), int(max_pairs))
+
+
+def qmoe_dictionary(zero_fraction: float = QMOE_ZERO_FRACTION) -> TernaryDictionary:
+    """QMoE's fixed dictionary: i.i.d. ternary symbols with ``zero_fraction`` zeros (2^16 entries, 14 pairs)."""
+    return build_dictionary(zero_fraction=zero_fraction, max_pairs=MAX_PAIRS)
+
+
+@functools.lru_cache(maxsize=16)
+def _build(pair_probs: tuple[float, ...], num_codes: int, max_pairs: int) -> TernaryDictionary:
+    logp = np.log(np.asarray(pair_probs, np.float64))
+    # Grow the tree level by level, keeping only nodes that can still be among the num_codes most probable: a
+    # node's log-probability is below its parent's, so one under the num_codes-th best seen so far (a bound that
+    # only rises) is out, and so are its descendants.
+    lp_levels, parent_levels, pair_levels = [], [], []
+    front_lp, front_id = np.zeros(1), np.array([-1])
+    seen = np.zeros(0)
+    start = 0
+    for level in range(1, max_pairs + 1):
+        lp = (front_lp[:, None] + logp[None, :]).ravel()
+        lp_levels.append(lp)
+        parent_levels.append(np.repeat(front_id, NUM_PAIRS))
+        pair_levels.append(np.tile(np.arange(NUM_PAIRS), len(front_id)))
+        seen = np.concatenate([seen, lp])
+        bound = np.partition(seen, len(seen) - num_codes)[len(seen) - num_codes] if len(seen) > num_codes else -np.inf
+        seen = seen[seen >= bound]
+        keep = lp >= bound
+        front_lp, front_id = lp[keep], start + np.flatnonzero(keep)
+        start += len(lp)
+        if not len(front_lp):
+            break
+    lp = np.concatenate(lp_levels)
+    parent = np.concatenate(parent_levels)
+    pair = np.concatenate(pair_levels)
+    level = np.concatenate([np.full(len(a), i + 1) for i, a in enumerate(lp_levels)])
+    # Rank: the 9 single pairs first (any row must parse), then by probability; ties by generation order, which
+    # is deterministic. A parent is strictly more probable than its child, so the chosen set is prefix-closed.
+    key = np.where(level == 1, np.inf, lp)
+    order = np.lexsort((np.arange(len(lp)), -key))[:num_codes]
+    sel = np.full(len(lp), -1, np.int64)
+    sel[order] = np.arange(len(order))
+    n = len(order)
+    nwords = -(-int(level[order].max()) // PAIRS_PER_WORD)
+    words = np.zeros((n, nwords), np.uint32)
+    child = np.full((n + 1, NUM_PAIRS), -1, np.int32)
+    p_sel = np.where(parent[order] < 0, n, sel[np.maximum(parent[order], 0)])  # parent's index (root: n)
+    lvl = level[order]
+    for depth in range(1, int(lvl.max()) + 1):  # parents first: their words are complete when a child reads them
+        idx = np.flatnonzero(lvl == depth)
+        par = p_sel[idx]
+        base = np.where((par == n)[:, None], 0, words[np.minimum(par, n - 1)]).astype(np.uint32)
+        base &= np.uint32(0x0FFFFFFF)  # drop the parent's length
+        j = depth - 1  # this pair's index in the entry: symbols 2j (s0) and 2j + 1 (s1)
+        pv = pair[order][idx].astype(np.uint32)
+        word, shift = (2 * j) // SYMS_PER_WORD, 2 * ((2 * j) % SYMS_PER_WORD)
+        base[:, word] |= ((pv % 3) << shift) | ((pv // 3) << (shift + 2))
+        for i in range(nwords):  # the length, 4 bits on top of each word (low nibble first)
+            base[:, i] |= np.uint32((depth >> (4 * i)) & 15) << np.uint32(28)
+        words[idx] = base
+        child[par, pair[order][idx]] = idx
+    digest = hashlib.sha256(words.tobytes()).hexdigest()[:32]
+    words.setflags(write=False)
+    child.setflags(write=False)
+    return TernaryDictionary(words, child, pair_probs, digest)
+
+
+def _parse_rows(pairs: np.ndarray, child: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy longest-match parse of every row of ``pairs`` uint8 ``[R, P]`` (all rows at once, one pair column
+    per step) -> (codewords int32 ``[R, P]``, left-aligned; count int64 ``[R]``)."""
+    r, p = pairs.shape
+    root = child.shape[0] - 1
+    out = np.zeros((r, p), np.int32)
+    count = np.zeros(r, np.int64)
+    rows = np.arange(r)
+    if p == 0:
+        return out, count
+    node = child[root, pairs[:, 0]].astype(np.int64)
+    for i in range(1, p):
+        nxt = child[node, pairs[:, i]]
+        emit = nxt < 0
+        e = rows[emit]
+        out[e, count[e]] = node[emit]
+        count[e] += 1
+        node = np.where(emit, child[root, pairs[:, i]], nxt)
+    out[rows, count] = node
+    count += 1
+    return out, count
+
+
+@struct.dataclass
+class TernaryCodec:
+    """A ternary matrix ``[rows = outputs, cols = inputs]`` (optionally stacked: leading axes on every array)
+    compressed by the dictionary code, standing for a float kernel of ``shape`` (one matrix; its first ``n_in``
+    dims are inputs, like :class:`~llmopt_jax.compress.packed.PackedTensor`).
+
+    ``codes`` uint16 ``[..., n]`` (each matrix's codewords row after row, zero-padded to the longest matrix of a
+    stack), ``offsets`` int32 ``[..., rows + 1]`` (row ``r``'s codewords are ``codes[offsets[r]:offsets[r+1]]``),
+    ``levels`` float16 ``[..., rows, 2]`` (``lo``, ``hi``)."""
+
+    codes: jax.Array
+    offsets: jax.Array
+    levels: jax.Array
+    dictionary: TernaryDictionary = struct.field(pytree_node=False)
+    rows: int = struct.field(pytree_node=False)
+    cols: int = struct.field(pytree_node=False)
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    n_in: int = struct.field(pytree_node=False)
+
+    is_packed = True  # the model hands it to its dot_general, quantizers refuse it
+
+    @property
+    def dtype(self):
+        return jnp.uint16
+
+    @property
+    def num_weights(self) -> int:
+        """Weights stood for (all matrices of a stack)."""
+        return int(np.prod(self.codes.shape[:-1], dtype=np.int64)) * self.rows * self.cols
+
+    def symbols(self) -> jax.Array:
+        """Decoded ternary codes int8 ``[..., rows, cols]`` in ``{-1, 0, 1}`` (jittable)."""
+        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows, self.cols)
+        return jnp.where(sym == 2, 1, -(sym == 1).astype(jnp.int32)).astype(jnp.int8)  # 0, 1, 2 -> 0, -1, 1
+
+    def matrix(self, dtype=jnp.float32) -> jax.Array:
+        """The ternary weights ``[..., rows, cols]`` in ``dtype`` (levels per row)."""
+        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows, self.cols)
+        lv = self.levels.astype(jnp.float32)
+        w = jnp.where(sym == 2, lv[..., 1:2], jnp.where(sym == 1, lv[..., 0:1], 0.0))
+        return w.astype(dtype)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The float kernel ``[..., *shape]`` in ``dtype`` (the transposed :meth:`matrix`)."""
+        w = self.matrix(dtype)
+        lead = w.shape[:-2]
+        return jnp.swapaxes(w, -1, -2).reshape(lead + tuple(self.shape))
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "cols"))
+def _decode(codes: jax.Array, offsets: jax.Array, words: jax.Array, rows: int, cols: int) -> jax.Array:
+    """:func:`_decode_symbols` over any leading (stacked) axes; jitted, so eager calls compile once per shape."""
+    fn = functools.partial(_decode_symbols, words=words, rows=rows, cols=cols)
+    for _ in range(codes.ndim - 1):
+        fn = jax.vmap(fn)
+    return fn(codes, offsets)
+
+
+def _decode_symbols(codes: jax.Array, offsets: jax.Array, *, words: jax.Array, rows: int, cols: int) -> jax.Array:
+    """One matrix: codewords uint16 ``[n]`` -> symbols int32 ``[rows, cols]`` in {0, 1, 2} (0, lo, hi)."""
+    half = -(-cols // 2)
+    total = rows * 2 * half  # symbols decoded, with the pad symbol of odd rows
+    c = codes.astype(jnp.int32)
+    nwords = words.shape[1]
+    flat = words.reshape(-1)
+    used = jnp.arange(c.shape[0], dtype=jnp.int32) < offsets[-1]  # a stack pads the shorter matrices
+    length = jnp.where(used, 2 * _lengths(words)[c], 0)
+    start = jnp.cumsum(length) - length  # rows concatenate exactly: each decodes to 2·half symbols
+    mark = jnp.zeros(total, jnp.int32).at[start].add(1, mode="drop")  # padding starts at `total`: dropped
+    which = jnp.cumsum(mark) - 1  # the codeword each output position comes from
+    k = jnp.arange(total, dtype=jnp.int32) - start[which]
+    word = flat[nwords * c[which] + k // SYMS_PER_WORD]
+    sym = (word >> (2 * (k % SYMS_PER_WORD)).astype(jnp.uint32)) & 3
+    return sym.astype(jnp.int32).reshape(rows, 2 * half)[:, :cols]
+
+
+def encode_ternary(
+    codes: Any, lo: Any, hi: Any, dictionary: TernaryDictionary | None = None, *,
+    kernel_shape: tuple[int, ...] | None = None, n_in: int = 1,
+) -> TernaryCodec:
+    """Compresses ternary ``codes`` int ``[..., rows, cols]`` in {-1, 0, 1} with per-row levels ``lo``/``hi``
+    float ``[..., rows]`` (stored as float16; value of -1 and +1). ``dictionary`` default: one fitted to these
+    codes (:func:`build_dictionary`). ``kernel_shape`` (default ``(cols, rows)``) is the float kernel's shape
+    with ``n_in`` leading input dims. Deterministic; host-side NumPy."""
+    codes = np.asarray(codes)
+    if codes.ndim < 2:
+        raise ConfigError(f"expected ternary codes [..., rows, cols], got shape {codes.shape}")
+    *lead, rows, cols = codes.shape
+    lo, hi = (np.broadcast_to(np.asarray(a, np.float32), (*lead, rows)) for a in (lo, hi))
+    kernel_shape = tuple(kernel_shape or (cols, rows))
+    if math.prod(kernel_shape[:n_in]) != cols or math.prod(kernel_shape[n_in:]) != rows:
+        raise ConfigError(f"kernel shape {kernel_shape} (n_in={n_in}) does not hold a [{rows}, {cols}] matrix")
+    if dictionary is None:
+        dictionary = build_dictionary([codes])
+    pairs = _pair_values(codes.reshape(-1, cols))
+    words, count = _parse_rows(pairs, dictionary.child)
+    count = count.reshape(-1, rows)
+    offsets = np.zeros((count.shape[0], rows + 1), np.int64)
+    offsets[:, 1:] = np.cumsum(count, axis=1)
+    n = max(int(offsets[:, -1].max()), 1)
+    if n >= 2**31:
+        raise ConfigError(f"a matrix of {rows}x{cols} needs {n} codewords: more than int32 offsets address")
+    stream = np.zeros((count.shape[0], n), np.uint16)
+    words = words.reshape(count.shape[0], rows, -1)
+    for m in range(count.shape[0]):  # each matrix's rows, concatenated (a Python loop over matrices, not rows)
+        keep = np.arange(words.shape[2])[None, :] < count[m][:, None]
+        flat = words[m][keep]
+        stream[m, : flat.size] = flat
+    levels = np.stack([lo, hi], axis=-1).astype(np.float16)
+    return TernaryCodec(
+        jnp.asarray(stream.reshape(*lead, n)), jnp.asarray(offsets.reshape(*lead, rows + 1).astype(np.int32)),
+        jnp.asarray(levels), dictionary, rows, cols, kernel_shape, int(n_in))
+
+
+def decode_ternary(tc: TernaryCodec) -> np.ndarray:
+    """Ternary codes int8 ``[..., rows, cols]`` of ``tc`` (the XLA decoder, run eagerly)."""
+    return np.asarray(tc.symbols())
+
+
+def encode_matrix(qm, kernel_shape: tuple[int, ...] | None = None, n_in: int = 1,
+                  dictionary: TernaryDictionary | None = None) -> TernaryCodec:
+    """:func:`encode_ternary` of a :class:`~llmopt_jax.compress.quantize.QuantizedMatrix` on a ternary grid with
+    one pair of levels per row (per channel or per tensor; ``[rows, cols]`` or stacked ``[layers, rows, cols]``)."""
+    grid = qm.grid
+    if not getattr(grid, "ternary", False):
+        raise ConfigError(f"the codec stores ternary grids, got {grid.describe()}")
+    if grid.group_size > 0 and grid.group_size != qm.codes.shape[-1]:
+        raise ConfigError("the codec keeps one pair of levels per row: quantize ternary per channel "
+                          f"(group_size -1), not groups of {grid.group_size}")
+    scale, offset = np.asarray(qm.scale)[..., 0], np.asarray(qm.offset)[..., 0]  # [..., rows or 1]: hi, lo
+    return encode_ternary(np.asarray(qm.codes), offset, scale, dictionary, kernel_shape=kernel_shape, n_in=n_in)
+
+
+def codec_leaves(tree: Any) -> list[TernaryCodec]:
+    """The :class:`TernaryCodec` leaves of a pytree (or ``[tree]`` if it is one)."""
+    is_codec = lambda x: isinstance(x, TernaryCodec)  # noqa: E731
+    return [x for x in jax.tree.leaves(tree, is_leaf=is_codec) if is_codec(x)]
+
+
+def bits_per_param(tree: Any) -> dict[str, float]:
+    """Storage of the :class:`TernaryCodec` leaves of ``tree`` measured from the arrays held: bytes of
+    ``codes``, ``offsets``, ``levels`` and of each distinct dictionary once, the weights they stand for, and
+    ``bits_per_param`` (all of it) / ``bits_per_param_codes`` (codewords only)."""
+    leaves = codec_leaves(tree)
+    if not leaves:
+        raise ConfigError("no TernaryCodec in this tree")
+    nbytes = lambda a: int(np.prod(a.shape, dtype=np.int64)) * jnp.dtype(a.dtype).itemsize  # noqa: E731
+    codes = sum(nbytes(x.codes) for x in leaves)
+    offsets = sum(nbytes(x.offsets) for x in leaves)
+    levels = sum(nbytes(x.levels) for x in leaves)
+    dicts = {x.dictionary.digest: x.dictionary.nbytes for x in leaves}
+    weights = sum(x.num_weights for x in leaves)
+    total = codes + offsets + levels + sum(dicts.values())
+    return {
+        "bits_per_param": 8.0 * total / weights, "bits_per_param_codes": 8.0 * codes / weights,
+        "bytes_total": total, "bytes_codes": codes, "bytes_offsets": offsets, "bytes_levels": levels,
+        "bytes_dictionary": sum(dicts.values()), "num_dictionaries": len(dicts), "num_params": weights,
+    }
+
+
+def ternary_stats(codes: Any) -> dict[str, float]:
+    """Empirical statistics of ternary codes (an array ``[..., cols]``, or a list of them): ``zero_fraction``,
+    ``entropy_bits`` (order-0 entropy per symbol, the rate of an ideal memoryless coder) and ``pair_entropy_bits``
+    (per symbol, of the pairs the codec reads), and ``num_params``."""
+    arrays = codes if isinstance(codes, (list, tuple)) else [codes]
+    sym = np.zeros(3, np.int64)
+    for c in arrays:
+        sym += np.bincount(np.asarray(c).astype(np.int64).ravel() + 1, minlength=3)[:3]
+    pairs = pair_counts(arrays)
+    entropy = lambda n: float(-(n[n > 0] / n.sum() * np.log2(n[n > 0] / n.sum())).sum())  # noqa: E731
+    return {"zero_fraction": float(sym[1] / sym.sum()), "entropy_bits": entropy(sym),
+            "pair_entropy_bits": entropy(pairs) / 2, "num_params": int(sym.sum())}
+
+
+def records_dictionary(quantized: Any, **kwargs) -> TernaryDictionary | None:
+    """One dictionary fitted to every ternary :class:`~llmopt_jax.compress.quantize.QuantizedMatrix` in a
+    ``report["quantized"]`` tree (None if there is none): one table for a whole model, as QMoE holds."""
+    from llmopt_jax.compress.quantize import QuantizedMatrix
+
+    is_qm = lambda x: isinstance(x, QuantizedMatrix)  # noqa: E731
+    codes = [np.asarray(x.codes) for x in jax.tree.leaves(quantized, is_leaf=is_qm) if is_qm(x) and x.grid.ternary]
+    return build_dictionary(codes, **kwargs) if codes else None
+
+
+def benchmark_decode_matmul(
+    rows: int = 3072, cols: int = 768, tokens: int = 1, zero_fraction: float = 0.9, repeats: int = 20,
+    dtype=jnp.bfloat16, seed: int = 0,
+) -> dict[str, float]:
+    """Median seconds of a jitted ``x [tokens, cols] @ W.T`` three ways on the default backend: the dense
+    ``dtype`` matmul, decode-only (codes -> ``dtype`` weights) and decode-then-matmul, for random ternary
+    ``W [rows, cols]`` with ``zero_fraction`` zeros. Also the codec's bits per parameter (dictionary excluded:
+    it is shared by a whole model)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.choice(np.array([0, -1, 1], np.int8), size=(rows, cols),
+                       p=[zero_fraction, (1 - zero_fraction) / 2, (1 - zero_fraction) / 2])
+    lo, hi = -rng.uniform(0.01, 0.1, rows), rng.uniform(0.01, 0.1, rows)
+    tc = encode_ternary(codes, lo, hi, build_dictionary([codes]))
+    dense = jnp.asarray(np.asarray(tc.matrix(jnp.float32)), dtype)
+    x = jnp.asarray(rng.standard_normal((tokens, cols)), dtype)
+
+    def timed(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    mm = lambda x, w: jnp.matmul(x, w.T, preferred_element_type=jnp.float32)  # noqa: E731
+    t_dense = timed(jax.jit(mm), x, dense)
+    t_decode = timed(jax.jit(lambda t: t.matrix(dtype)), tc)
+    t_both = timed(jax.jit(lambda x, t: mm(x, t.matrix(dtype))), x, tc)
+    stats = bits_per_param(tc)
+    return {
+        "backend": jax.default_backend(), "rows": rows, "cols": cols, "tokens": tokens, "dtype": jnp.dtype(dtype).name,
+        "zero_fraction": zero_fraction, "seconds_dense_matmul": t_dense, "seconds_decode": t_decode,
+        "seconds_decode_matmul": t_both, "slowdown": t_both / t_dense,
+        "bits_per_param_without_dictionary": 8.0 * (stats["bytes_total"] - stats["bytes_dictionary"]) / (rows * cols),
+    }
