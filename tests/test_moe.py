@@ -171,3 +171,19 @@ def test_moe_training_run_checkpoints_and_resumes(tmp_path, tiny_config):
     assert len(records[-1]["expert_counts"]) == 2 and len(records[-1]["expert_counts"][0]) == 4
     assert "load_balance_loss" in records[-1]
     assert full["num_params"] == ModelConfig.from_mapping(tiny_config.model).num_params()
+
+
+def test_aot_memory_of_the_moe_preset_on_an_expert_mesh():
+    """aot_memory handles MoE presets: moe_smoke's train step compiled for 8 fake devices, experts split 8 ways."""
+    from conftest import load_config
+    from llmopt_jax.train.aot import compile_train_step_abstract
+
+    config = load_config("train", "moe_smoke")
+    report = compile_train_step_abstract(config)
+    cfg = ModelConfig.from_mapping(config.model)
+    assert report["mesh"] == "data=1 fsdp=1 tensor=1 expert=8 stage=1"
+    assert report["num_params"] == cfg.num_params()
+    experts = 3 * cfg.num_layers * cfg.num_experts * cfg.d_model * cfg.expert_dim
+    assert report["param_bytes_per_device"] == 4 * (cfg.num_params() - experts + experts // 8)
+    # FLOPs per token count the 2 active experts of 8 (and the router), not all of them.
+    assert cfg.matmul_params() < cfg.num_params() - experts // 2
