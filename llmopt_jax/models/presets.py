@@ -14,10 +14,13 @@ MODEL_PRESETS: dict[str, dict] = {
         tie_embeddings=True, max_seq_len=256,
     ),
     # The smoke shape with every MLP routed over 8 experts of a quarter of its width, top-2 (twice the MLP
-    # parameters, half the MLP FLOPs per token): the MoE training smoke test and expert-parallel demos.
+    # parameters, half the MLP FLOPs per token): the MoE training smoke test and expert-parallel demos. Capacity
+    # dispatch (Switch, factor 1.25): its einsums shard into all-to-alls, and XLA:CPU lowers ragged_dot (the
+    # dropless path) to a masked matmul over all experts, ~8x slower here.
     "moe_smoke": dict(
         vocab_size=512, d_model=256, num_layers=4, num_heads=8, num_kv_heads=4, mlp_dim=768, rope_base=10000.0,
         tie_embeddings=True, max_seq_len=512, num_experts=8, moe_top_k=2, moe_expert_dim=192,
+        moe_dispatch="capacity", moe_capacity_factor=1.25,
     ),
     # Mixtral-8x7B's shape (46.7B parameters, 12.9B active): AOT memory estimates of expert parallelism only.
     "mixtral_8x7b": dict(
