@@ -46,8 +46,9 @@ class RequestResult:
 
 def make_trace(text: str, num: int, words: tuple[int, int], max_tokens: tuple[int, int], rate: float, seed: int
                ) -> list[TraceRequest]:
-    """``num`` requests: prompts of ``words`` (min, max; log-uniform) consecutive words from ``text`` at random
-    offsets, ``max_tokens`` uniform in (min, max), Poisson arrivals at ``rate``/s (0 = all at time 0)."""
+    """``num`` requests: prompts of ``words`` (min, max) consecutive words from ``text`` at random offsets,
+    ``max_tokens`` in (min, max), both log-uniform (many short, a few long: the long tail of real traces), Poisson
+    arrivals at ``rate``/s (0 = all at time 0)."""
     rng = np.random.default_rng(seed)
     tokens = text.split()
     out = []
@@ -57,8 +58,8 @@ def make_trace(text: str, num: int, words: tuple[int, int], max_tokens: tuple[in
         start = int(rng.integers(0, len(tokens) - n))
         if rate > 0:
             t += float(rng.exponential(1.0 / rate))
-        out.append(TraceRequest(" ".join(tokens[start:start + n]), int(rng.integers(max_tokens[0], max_tokens[1] + 1)),
-                                t))
+        new = int(np.exp(rng.uniform(np.log(max_tokens[0]), np.log(max_tokens[1] + 1))))
+        out.append(TraceRequest(" ".join(tokens[start:start + n]), new, t))
     return out
 
 

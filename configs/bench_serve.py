@@ -12,8 +12,8 @@ from llmopt_jax.errors import ConfigError
 
 PRESETS = {
     "default": dict(model="smollm2-135m", serve_preset="smollm2", num_requests=64, words=(8, 240),
-                    max_tokens=(16, 128), warmup_requests=32, num_pages=512, max_model_len=1024, prefill_budget=256),
-    "smoke": dict(model="smoke", serve_preset="smoke", num_requests=48, words=(2, 60), max_tokens=(8, 96),
+                    max_tokens=(8, 256), warmup_requests=32, num_pages=512, max_model_len=1024, prefill_budget=256),
+    "smoke": dict(model="smoke", serve_preset="smoke", num_requests=48, words=(2, 30), max_tokens=(4, 192),
                   warmup_requests=16, num_pages=512, max_model_len=512, prefill_budget=256),
 }
 
@@ -31,7 +31,7 @@ def get_config(preset: str = "default") -> ConfigDict:
     c.request_rate = 0.0  # Poisson arrivals per second; 0 = all queued at once (a closed loop at `concurrency`)
     c.num_requests = p["num_requests"]
     c.prompt_words_min, c.prompt_words_max = p["words"]  # prompt length in words of the Python docs (log-uniform)
-    c.max_tokens_min, c.max_tokens_max = p["max_tokens"]  # each request's max_tokens (uniform)
+    c.max_tokens_min, c.max_tokens_max = p["max_tokens"]  # each request's max_tokens (log-uniform)
     c.warmup_requests = p["warmup_requests"]  # of another trace with the same distribution, before measuring
     c.seed = 0
     c.request_timeout = 600.0  # seconds per request
