@@ -32,4 +32,10 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.top_p = 1.0  # 1 = off
     c.seed = 0
     c.stream = True  # print tokens as they are generated (first sample)
+    # Speculative decoding (infer/speculative.py): draft_layers > 0 drafts with the model's own first layers,
+    # draft_model (a name or path) with another model of the same vocabulary; num_draft tokens per verify pass.
+    # Tokens are then printed when decoding ends (all rounds run on device).
+    c.draft_layers = 0
+    c.draft_model = ""
+    c.num_draft = 4
     return c

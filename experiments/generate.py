@@ -5,7 +5,8 @@
 
 Writes WORKDIR/config.json and results.json: text (first sample), texts, prefill_tokens_per_s,
 decode_tokens_per_s (summed over the batch, compilation excluded), prompt_tokens, generated_tokens,
-stopped, seconds_compile and num_compiled (1 prefill + 1 decode executable: decoding never recompiles).
+stopped, seconds_compile and num_compiled (1 prefill + 1 decode executable: decoding never recompiles). With a draft
+(``draft_layers`` or ``draft_model``: speculative decoding) also acceptance_rate and tokens_per_target_forward.
 """
 
 from llmopt_jax import cli
@@ -21,6 +22,11 @@ def main(config, workdir):
 
     if config.num_samples < 1:  # before the workdir is touched
         raise ConfigError(f"num_samples must be positive, got {config.num_samples}")
+    if config.draft_layers and config.draft_model:
+        raise ConfigError("set draft_layers (self-speculative) or draft_model, not both")
+    if config.draft_layers < 0 or config.num_draft < 1:
+        raise ConfigError(f"draft_layers must be >= 0 and num_draft >= 1, got {config.draft_layers}, "
+                          f"{config.num_draft}")
     workdir = cli.prepare_workdir(config, workdir)
     sampling = SamplingConfig(
         greedy=config.greedy, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p
@@ -46,7 +52,15 @@ def main(config, workdir):
             sys.stdout.write(tok.decode(streamed)[len(previous):])
             sys.stdout.flush()
 
-    generator = Generator(model)
+    speculative = bool(config.draft_layers or config.draft_model)
+    if speculative:
+        from llmopt_jax.infer.speculative import SpeculativeGenerator
+
+        draft = config.draft_layers or load_pretrained(config.draft_model, dtype=config.dtype,
+                                                       param_dtype=config.dtype, scan_layers=config.scan_layers)
+        generator = SpeculativeGenerator(model, draft, num_draft=config.num_draft)
+    else:
+        generator = Generator(model)
     out = generator.generate(
         [prompt] * config.num_samples, config.max_new_tokens, sampling, seed=config.seed, stop_ids=stop_ids,
         on_token=stream,
@@ -70,6 +84,9 @@ def main(config, workdir):
         "model": model.path,
         "dtype": config.dtype,
     }
+    if speculative:
+        results.update(acceptance_rate=out.acceptance_rate, tokens_per_target_forward=out.tokens_per_round,
+                       num_draft=config.num_draft, draft=config.draft_model or f"first {config.draft_layers} layers")
     write_json(f"{workdir}/results.json", results)
     if not config.stream:
         print(texts[0])

@@ -347,8 +347,9 @@ class SpeculativeGenerator:
         """Continues each prompt by up to ``max_new_tokens`` tokens, stopping a sequence at ``stop_ids``.
 
         Greedy output equals ``Generator.generate``'s; sampled output has the target's distribution (not the same
-        draws: the random stream differs). ``on_token`` is called once per step with each step's tokens ``[B]``
-        after decoding finishes (the loop runs on device; there is nothing to stream mid-loop).
+        draws: the random stream differs). ``on_token`` is called once per token position with that position's
+        tokens ``[B]`` (a row that has ended shows a stop id) after decoding finishes: the loop runs on device, so
+        there is nothing to stream mid-loop.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt needs at least one token")
@@ -403,9 +404,10 @@ class SpeculativeGenerator:
         )
         seconds_decode = time.perf_counter() - t0
         new = [out[i, : count[i]].tolist() for i in range(real)]
-        if on_token is not None:
+        if on_token is not None:  # replayed: a row that has ended shows a stop id, as Generator's rows do
+            pad = min(int(s) for s in stop_ids) if len(stop_ids) else 0
             for step in range(max((len(t) for t in new), default=0)):
-                on_token(np.asarray([t[step] if step < len(t) else -1 for t in new], np.int32))
+                on_token(np.asarray([t[step] if step < len(t) else pad for t in new], np.int32))
         return SpeculativeGeneration(
             tokens=new, prompt_lengths=lengths[:real], stopped=[bool(s) for s in stopped[:real]],
             seconds_prefill=seconds_prefill, seconds_decode=seconds_decode, decode_steps=int(rounds),
