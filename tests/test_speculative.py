@@ -158,3 +158,17 @@ def test_bench_speculative_smoke_on_smollm2(tmp_path):
     assert r["self_greedy_identical"] is True
     assert 0 <= r["self_acceptance_rate"] <= 1 and 1 <= r["self_tokens_per_target_forward"] <= 5
     assert r["self_speedup"] > 0 and r["plain_seconds"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["experiments.generate", "--config=configs/generate.py:smoke", "--config.draft_layers=2",
+      "--config.draft_model=x"], "set draft_layers (self-speculative) or draft_model, not both"),
+    (["experiments.bench_speculative", "--config=configs/bench_speculative.py:smoke", "--config.drafts=self,big"],
+     "drafts"),
+])
+def test_cli_errors_before_loading(tmp_path, args, message):
+    from conftest import run_cli
+
+    proc = run_cli(args + [f"--workdir={tmp_path}/w"], timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
