@@ -271,9 +271,12 @@ class Decoder(nnx.Module):
         def stage_fn(chunk_state, x, side):  # one stage's consecutive layers on one microbatch
             return jax.lax.scan(lambda x, layer: (block_fn(layer, x, side), None), x, chunk_state)[0]
 
+        is_var = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
+        axes = [v.get_metadata().get("out_sharding") for v in jax.tree.leaves(state, is_leaf=is_var)]
         return pipeline_layers(
             stage_fn, state, x, (positions, segment_ids), stages=cfg.pipeline_stages,
             microbatches=cfg.pipeline_microbatches, repeats=cfg.pipeline_repeats, constrain=self.constrain,
+            layer_axes=axes,
         )
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:

@@ -99,6 +99,7 @@ def pipeline_layers(
     repeats: int = 1,
     constrain: Callable[[jax.Array, tuple], jax.Array] | None = None,
     stage_logical_axis: str = "layers",
+    layer_axes=None,
 ) -> jax.Array:
     """Runs ``L`` stacked layers over ``x`` as a pipeline; equals applying them in order to the whole batch.
 
@@ -108,14 +109,29 @@ def pipeline_layers(
     ``stage_fn(chunk_params, x_mb, side_mb)`` applies a chunk of ``L/(S·R)`` layers (leaves ``[L/(S·R), ...]``)
     to one microbatch ``x_mb`` ``[B/M, ...]`` and returns the same shape. ``constrain(array, logical_axes)``
     pins the stage buffers (the model's activation constraint); its ``stage_logical_axis`` maps to ``stage``.
+    ``layer_axes``: the logical axes of each leaf of ``layer_params`` (``jax.tree.leaves`` order, first ``layers``),
+    or None; with them the circular schedule's weight re-layout is pinned to the rules' sharding.
     Returns ``[B, ...]``.
     """
     s_, m_, r_ = stages, microbatches, repeats
     constrain = constrain or (lambda a, axes: a)
     num_layers = jax.tree.leaves(layer_params)[0].shape[0]
     chunk = num_layers // (s_ * r_)
-    # [L, ...] -> [R, S, L/(S·R), ...]: virtual stage r·S + s holds layers (r·S + s)·chunk ... + chunk - 1.
-    params = jax.tree.map(lambda a: a.reshape(r_, s_, chunk, *a.shape[1:]), layer_params)
+    leaves, treedef = jax.tree.flatten(layer_params)
+    leaf_axes = list(layer_axes) if layer_axes is not None else [None] * len(leaves)
+
+    def chunked_axes(axes, lead):  # logical axes of a leaf after its layers axis became `lead`
+        return None if axes is None else tuple(lead) + tuple(axes[1:])
+
+    def relayout(a, axes):
+        # [L, ...] -> [R, S, L/(S·R), ...]: virtual stage r·S + s holds layers (r·S + s)·chunk ... + chunk - 1.
+        # Pinned (S on `stage`, the other dimensions as the rules shard them) so that XLA moves only the block
+        # weights a circular schedule needs elsewhere instead of gathering the whole stack.
+        a = a.reshape(r_, s_, chunk, *a.shape[1:])
+        axes = chunked_axes(axes, (None, stage_logical_axis, None))
+        return a if axes is None else constrain(a, axes)
+
+    params = jax.tree.unflatten(treedef, [relayout(a, ax) for a, ax in zip(leaves, leaf_axes)])
     tail = (None,) * (x.ndim - 1)
     stage_axes = (stage_logical_axis, "act_batch") + tail[1:]  # buffer [S, B/M, ...]
     store_axes = (None, "act_batch") + tail[1:]  # microbatches [M, B/M, ...], every stage holds all
@@ -135,7 +151,18 @@ def pipeline_layers(
         # Per stage s, the chunk of repeat repeat_idx[s]: leaves [R, S, chunk, ...] -> [S, chunk, ...].
         if r_ == 1:
             return jax.tree.map(lambda a: a[0], params)
-        return jax.vmap(lambda p, r: jax.tree.map(lambda a: a[r], p), in_axes=(1, 0))(params, repeat_idx)
+        # A one-hot sum over the R repeats rather than a per-stage gather: elementwise, so it stays local to
+        # each stage's devices (a gather's transpose, a scatter, made XLA all-gather the whole layer stack).
+        hot = repeat_idx[None, :] == jnp.arange(r_, dtype=repeat_idx.dtype)[:, None]  # [R, S]
+
+        def one(a):
+            mask = hot.reshape(r_, s_, *(1,) * (a.ndim - 2)).astype(a.dtype)
+            return jnp.sum(mask * a, axis=0)
+
+        picked = [one(a) for a in jax.tree.leaves(params)]
+        picked = [p if ax is None else constrain(p, chunked_axes(ax, (stage_logical_axis, None)))
+                  for p, ax in zip(picked, leaf_axes)]
+        return jax.tree.unflatten(treedef, picked)
 
     def shift(first, prev, axes):
         # Stage 0 takes `first`; stage s > 0 takes what stage s-1 produced in the previous iteration.
@@ -172,3 +199,33 @@ def pipeline_layers(
     (_, _, circ), _ = jax.lax.scan(step, init, iterations)
     # After the last round circ holds every microbatch's output of the last virtual stage.
     return merge_microbatches(circ)
+
+
+def matmul_flops(fn: Callable, *args) -> float:
+    """Matmul FLOPs (``2·M·N·K`` per ``dot_general``) that ``fn(*args)`` executes, summed over all devices.
+
+    Counted on the traced program, with every ``scan`` body multiplied by its length (XLA's cost analysis counts
+    a loop body once), so a pipelined step counts its bubble iterations: for the layer stack the ratio to the
+    unpipelined count is ``(M·R+S-1)/(M·R)``, i.e. the bubble as work actually scheduled.
+    """
+    import math
+
+    def count(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+                lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+                out = eqn.outvars[0].aval.shape
+                total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lc)
+                del rhs, lb
+                continue
+            times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        total += times * count(inner)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
