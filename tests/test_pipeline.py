@@ -12,10 +12,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from conftest import run_cli
 from llmopt_jax.config_checks import check_pipeline_settings
 from llmopt_jax.errors import ConfigError
 from llmopt_jax.parallel.mesh import create_mesh
-from llmopt_jax.parallel.pipeline import bubble_fraction, merge_microbatches, pipeline_layers, split_microbatches
+from llmopt_jax.parallel.pipeline import (bubble_fraction, matmul_flops, merge_microbatches, pipeline_layers,
+                                          split_microbatches)
 from llmopt_jax.parallel.rules import DEFAULT_RULES, activation_constraint
 from llmopt_jax.parallel.sharded_init import init_model
 from llmopt_jax.train.step import loss_fn
@@ -131,3 +133,26 @@ def test_pipelined_training_runs_checkpoints_and_resumes(tmp_path, tiny_config):
     assert resumed["resumed_from_step"] == 2 and resumed["mesh"].endswith("stage=4")
     assert full["final_loss"] < full["initial_loss"]
     np.testing.assert_allclose(resumed["final_loss"], full["final_loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("microbatches,repeats", [(1, 1), (4, 1), (8, 1), (4, 2)])
+def test_scheduled_work_has_the_gpipe_bubble(microbatches, repeats):
+    """The matmul FLOPs the traced schedule issues exceed the plain layer stack's by exactly the bubble."""
+    w, x = jnp.ones((8, 16, 16)), jnp.ones((16, 2, 16))
+
+    def stage_fn(ws, x, side):
+        return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, ws)[0]
+
+    def piped(w, x):
+        return jnp.sum(pipeline_layers(stage_fn, w, x, stages=4, microbatches=microbatches, repeats=repeats))
+
+    plain = matmul_flops(jax.grad(lambda w, x: jnp.sum(stage_fn(w, x, None))), w, x)
+    scheduled = matmul_flops(jax.grad(piped), w, x)
+    assert 1 - plain / scheduled == pytest.approx(bubble_fraction(4, microbatches, repeats))
+
+
+def test_cli_pipeline_error_is_one_line():
+    proc = run_cli(["experiments.train", "--config=configs/train.py:smoke", "--config.mesh.stage=3",
+                    "--config.mesh.fsdp=1", "--config.train.microbatches=2", "--workdir=/nonexistent/never"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: model.num_layers=4 is not divisible by mesh.stage=3"
