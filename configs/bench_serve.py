@@ -11,8 +11,8 @@ from ml_collections import ConfigDict
 from llmopt_jax.errors import ConfigError
 
 PRESETS = {
-    "default": dict(model="smollm2-135m", serve_preset="smollm2", num_requests=64, words=(8, 240),
-                    max_tokens=(8, 256), warmup_requests=32, num_pages=512, max_model_len=1024, prefill_budget=256),
+    "default": dict(model="smollm2-135m", serve_preset="smollm2", num_requests=64, words=(8, 150),
+                    max_tokens=(8, 192), warmup_requests=32, num_pages=512, max_model_len=512, prefill_budget=256),
     "smoke": dict(model="smoke", serve_preset="smoke", num_requests=48, words=(2, 30), max_tokens=(4, 192),
                   warmup_requests=16, num_pages=512, max_model_len=512, prefill_budget=256),
 }

@@ -167,9 +167,10 @@ def _prefill_fn(graphdef, params, kv, tokens, start, num_valid, page_table, logi
 
 
 def _decode_fn(graphdef, params, kv, tokens, starts, page_table, active, budget, stop_ids, key_data, index,
-               temperature, top_k, top_p, *, num_steps: int):
-    """Up to ``num_steps`` decode steps for ``[B]`` rows in one dispatch; a row stops at a stop id or after
-    ``budget[b]`` tokens. Returns (tokens int32 ``[B, num_steps]``, count int32 ``[B]``, pool)."""
+               temperature, top_k, top_p, num_steps, *, max_steps: int):
+    """Up to ``num_steps`` (traced, ``<= max_steps``) decode steps for ``[B]`` rows in one dispatch; a row stops at a
+    stop id or after ``budget[b]`` tokens. Returns (tokens int32 ``[B, max_steps]``, count int32 ``[B]``, pool).
+    The step count is an argument, not a shape, so one executable serves one step (while requests wait) and many."""
     b = tokens.shape[0]
 
     def cond(c):
@@ -185,7 +186,7 @@ def _decode_fn(graphdef, params, kv, tokens, starts, page_table, active, budget,
         done = done | jnp.any(nxt[:, None] == stop_ids, axis=1) | (count >= budget)
         return i + 1, kv, nxt, done, count, out
 
-    init = (jnp.int32(0), kv, tokens, ~active, jnp.zeros((b,), jnp.int32), jnp.zeros((b, num_steps), jnp.int32))
+    init = (jnp.int32(0), kv, tokens, ~active, jnp.zeros((b,), jnp.int32), jnp.zeros((b, max_steps), jnp.int32))
     _, kv, _, _, count, out = jax.lax.while_loop(cond, body, init)
     return out, count, kv
 
@@ -230,8 +231,8 @@ class Engine:
         self.decode_strategy = decode_strategy or MultiStepDecode()
         self.requests: dict[tuple[str, int], Sequence_] = {}
         self._prefill = jax.jit(functools.partial(_prefill_fn, graphdef), donate_argnums=(1,))
-        self._decode = jax.jit(functools.partial(_decode_fn, graphdef), donate_argnums=(1,),
-                               static_argnames=("num_steps",))
+        self._decode = jax.jit(functools.partial(_decode_fn, graphdef, max_steps=config.max_decode_steps),
+                               donate_argnums=(1,))
         self._forward = jax.jit(functools.partial(forward, graphdef), donate_argnums=(1,))
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -302,7 +303,9 @@ class Engine:
         length = _pow2(n, 16)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :n] = seq.tokens[start:start + n]
-        table = self._page_table([seq], start + length)
+        # The page table of a prefill always spans the whole context: prefill is compute-bound, so gathering unused
+        # (null) pages costs little, and one table width means one executable per chunk length.
+        table = self._page_table([seq], max(start + length, self.max_model_len))
         tok, self.kv = self._prefill(
             self.params, self.kv, tokens, np.asarray([start], np.int32), np.asarray([n], np.int32), table,
             np.asarray([n - 1], np.int32), *self._sampling_arrays([seq]))
@@ -318,15 +321,17 @@ class Engine:
         active = np.zeros(b, bool)
         budget = np.zeros(b, np.int32)
         stops = [s.params.stop_ids for s in seqs]
-        stop_ids = np.full((b, max([1] + [len(x) for x in stops])), -1, np.int32)
+        # Stop-id columns padded to a power of two (>= 4): a new request with more stop ids rarely means a new shape.
+        stop_ids = np.full((b, _pow2(max([1] + [len(x) for x in stops]), 4)), -1, np.int32)
         for i, s in enumerate(seqs):
             tokens[i], starts[i], active[i] = s.tokens[-1], s.num_computed, True
             budget[i] = min(steps, s.remaining)
             stop_ids[i, :len(stops[i])] = stops[i]
+        steps = min(steps, self.config.max_decode_steps)
         table = self._page_table(rows, int(starts.max()) + steps)
         out, count, self.kv = self._decode(
             self.params, self.kv, tokens, starts, table, active, budget, stop_ids, *self._sampling_arrays(rows),
-            num_steps=steps)
+            np.int32(steps))
         out, count = np.asarray(out), np.asarray(count)
         for i, s in enumerate(seqs):
             s.num_computed += int(count[i])
@@ -448,7 +453,9 @@ class Engine:
             "kv_pages_used": self.pool.num_used, "kv_pages_free": self.pool.num_available,
             "kv_pages_total": self.pool.num_usable,
             "prefix_cache_queries": self.pool.prefix_queries, "prefix_cache_hits": self.pool.prefix_hits,
-            "preemptions": self.scheduler.num_preemptions, **dataclasses.asdict(s),
+            "preemptions": self.scheduler.num_preemptions,
+            "executables": self._prefill._cache_size() + self._decode._cache_size() + self._forward._cache_size(),
+            **dataclasses.asdict(s),
         }
 
 
