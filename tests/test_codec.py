@@ -71,32 +71,33 @@ def test_gptq_ternary_uses_the_grid_and_beats_rtn_on_correlated_inputs():
     assert err(w_g) < 0.7 * err(w_r)
 
 
-@pytest.mark.parametrize("max_pairs", [codec.MAX_PAIRS, codec.DEFAULT_MAX_PAIRS])
-def test_dictionary_is_prefix_closed_deterministic_and_has_every_pair(max_pairs):
-    d = codec.build_dictionary(zero_fraction=0.9, max_pairs=max_pairs)
-    words = -(-max_pairs // codec.PAIRS_PER_WORD)
+@pytest.mark.parametrize("unit, max_symbols", [(2, 28), (2, 42), (1, 14)])
+def test_dictionary_is_prefix_closed_deterministic_and_has_every_unit(unit, max_symbols):
+    d = codec.build_dictionary(zero_fraction=0.9, unit=unit, max_symbols=max_symbols)
+    words = -(-max_symbols // codec.SYMS_PER_WORD)
     assert d.num_codes == 2**16 and d.words.shape == (2**16, words) and d.nbytes == 2**16 * 4 * words
-    assert d is codec.build_dictionary(zero_fraction=0.9, max_pairs=max_pairs)  # cached: one table per process
+    assert d is codec.build_dictionary(zero_fraction=0.9, unit=unit, max_symbols=max_symbols)  # cached
     lengths, entries = d.lengths, d.entries()
-    known = {(n, e[: 2 * n].tobytes()) for n, e in zip(lengths, entries)}
-    assert lengths.min() == 1 and lengths.max() == max_pairs and len(known) == d.num_codes  # distinct entries
-    assert all((n - 1, e[: 2 * n - 2].tobytes()) in known for n, e in zip(lengths, entries) if n > 1)  # prefixes
-    singles = {tuple(e[:2]) for n, e in zip(lengths, entries) if n == 1}
-    assert singles == {(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)}  # any row parses
-    assert not entries[lengths == max_pairs].any(axis=1).all()  # the longest runs include all zeros
-    np.testing.assert_array_equal(d.entry(int(np.argmax(lengths))), np.zeros(2 * max_pairs))
-    small = codec._build.__wrapped__(d.pair_probs, 4096, max_pairs)  # rebuilt from scratch: equal bytes
-    np.testing.assert_array_equal(small.words, codec._build.__wrapped__(d.pair_probs, 4096, max_pairs).words)
+    known = {(n, e[:n].tobytes()) for n, e in zip(lengths, entries)}
+    assert lengths.min() == unit and lengths.max() == max_symbols and len(known) == d.num_codes  # distinct
+    assert np.all(lengths % unit == 0)
+    assert all((n - unit, e[: n - unit].tobytes()) in known for n, e in zip(lengths, entries) if n > unit)  # prefixes
+    singles = {tuple(e[:unit]) for n, e in zip(lengths, entries) if n == unit}
+    assert len(singles) == 3**unit  # every unit is an entry: any row parses
+    np.testing.assert_array_equal(d.entry(int(np.argmax(lengths))), np.zeros(max_symbols))  # the longest: zeros
+    small = codec._build.__wrapped__(d.unit_probs, 4096, unit, max_symbols)  # rebuilt from scratch: equal bytes
+    np.testing.assert_array_equal(small.words, codec._build.__wrapped__(d.unit_probs, 4096, unit, max_symbols).words)
 
 
-@pytest.mark.parametrize("shape", [(2, 7, 33), (3, 1)], ids=["stacked_odd", "one_column"])
-def test_encoding_is_deterministic_and_decoding_bit_exact(shape):
+@pytest.mark.parametrize("shape, unit", [((2, 7, 33), 2), ((3, 1), 2), ((5, 9), 3)],
+                         ids=["stacked_odd", "one_column", "triples"])
+def test_encoding_is_deterministic_and_decoding_bit_exact(shape, unit):
     rng = np.random.default_rng(sum(shape))
     codes = rng.choice(np.array([0, -1, 1], np.int8), size=shape, p=[0.8, 0.1, 0.1])
     codes.reshape(-1, shape[-1])[0] = 0  # an all-zero row
     codes.reshape(-1, shape[-1])[-1] = np.resize([1, -1, 1, 1], shape[-1])  # a dense row
     lo, hi = -rng.uniform(0.1, 1, shape[:-1]), rng.uniform(0.1, 1, shape[:-1])
-    d = codec.build_dictionary([codes], num_codes=512)
+    d = codec.build_dictionary([codes], num_codes=512, unit=unit)
     a, b = codec.encode_ternary(codes, lo, hi, d), codec.encode_ternary(codes, lo, hi, d)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -44,14 +44,11 @@ from flax import struct
 
 from llmopt_jax.errors import ConfigError
 
-NUM_PAIRS = 9  # pair values s0 + 3·s1 of two ternary symbols
-PAIRS_PER_WORD = 7  # a uint32 word: 14 two-bit symbols, and 4 bits of the entry's length (in pairs) on top
-SYMS_PER_WORD = 2 * PAIRS_PER_WORD
-MAX_PAIRS = 14  # QMoE's entries: up to 14 pairs in two words
-DEFAULT_MAX_PAIRS = 21  # ours: three words, a lower rate at ~90 % zeros and above (module docstring)
-MAX_PAIRS_LIMIT = 28  # four words: the length (<= 28) still fits its 4-bit nibbles
+SYMS_PER_WORD = 14  # a uint32 word: 14 two-bit symbols, and a 4-bit nibble of the entry's length on top
 MAX_CODES = 2**16  # codewords are uint16
 QMOE_ZERO_FRACTION = 0.885  # the zero probability QMoE's fixed dictionary assumes
+QMOE_UNIT, QMOE_MAX_SYMBOLS = 2, 28  # QMoE parses pairs, up to 14 per entry (two words)
+DEFAULT_UNIT, DEFAULT_MAX_SYMBOLS = 2, 42  # ours: pairs, up to 21 (three words): a lower rate at ~90 % zeros
 
 # ternary code -> stored symbol: 0 -> 0, -1 (the level lo) -> 1, +1 (the level hi) -> 2, as in QMoE's table
 _SYMBOL_OF_CODE = np.array([1, 0, 2], np.uint8)  # indexed by code + 1
@@ -62,13 +59,15 @@ _CODE_OF_SYMBOL = np.array([0, -1, 1], np.int8)
 class TernaryDictionary:
     """The codeword dictionary (module docstring). Hashable by content, so it can be a static pytree field.
 
-    ``words`` uint32 ``[num_codes, 2]`` is what the decoder holds; ``child`` int32 ``[num_codes + 1, 9]`` is the
-    encoder's trie (row ``num_codes`` is the root; -1: no such entry), not held by a compressed model.
+    ``words`` uint32 ``[num_codes, W]`` is what the decoder holds; ``child`` int32 ``[num_codes + 1, 3^unit]`` is
+    the encoder's trie over parse units of ``unit`` symbols (row ``num_codes`` is the root; -1: no such entry),
+    not held by a compressed model.
     """
 
     words: np.ndarray
     child: np.ndarray
-    pair_probs: tuple[float, ...]
+    unit: int
+    unit_probs: tuple[float, ...]
     digest: str
 
     def __hash__(self) -> int:
@@ -88,7 +87,7 @@ class TernaryDictionary:
 
     @property
     def lengths(self) -> np.ndarray:
-        """Entry lengths in pairs, int32 ``[num_codes]``."""
+        """Entry lengths in symbols, int32 ``[num_codes]``."""
         return _lengths(self.words)
 
     def table(self) -> jax.Array:
@@ -96,19 +95,19 @@ class TernaryDictionary:
         return _device_table(self)
 
     def entries(self) -> np.ndarray:
-        """Every entry's ternary codes int8 ``[num_codes, 2·max length]``, zero past each entry's length."""
+        """Every entry's ternary codes int8 ``[num_codes, 14·W]``, zero past each entry's length."""
         k = np.arange(SYMS_PER_WORD * self.words.shape[1])
         sym = (self.words[:, k // SYMS_PER_WORD] >> (2 * (k % SYMS_PER_WORD)).astype(np.uint32)) & 3
         return _CODE_OF_SYMBOL[sym]
 
     def entry(self, i: int) -> np.ndarray:
-        """Ternary codes int8 ``[2·length]`` of entry ``i``."""
-        k = np.arange(2 * int(self.lengths[i]))
+        """Ternary codes int8 ``[length]`` of entry ``i``."""
+        k = np.arange(int(self.lengths[i]))
         return _CODE_OF_SYMBOL[(self.words[i, k // SYMS_PER_WORD] >> (2 * (k % SYMS_PER_WORD)).astype(np.uint32)) & 3]
 
 
 def _lengths(words):
-    """Entry lengths in pairs ``[num_codes]`` from the 4-bit nibbles on top of each word (NumPy or JAX)."""
+    """Entry lengths in symbols ``[num_codes]`` from the 4-bit nibbles on top of each word (NumPy or JAX)."""
     xp = np if isinstance(words, np.ndarray) else jnp
     nibbles = (words >> 28).astype(xp.int32) << (4 * xp.arange(words.shape[1], dtype=xp.int32))
     return nibbles.sum(axis=1).astype(xp.int32)
@@ -120,70 +119,77 @@ def _device_table(dictionary: TernaryDictionary) -> jax.Array:
         return jnp.asarray(dictionary.words)
 
 
-def _pair_values(codes: np.ndarray) -> np.ndarray:
-    """Ternary codes int ``[R, cols]`` -> pair values uint8 ``[R, ceil(cols/2)]`` (an odd row gets a zero)."""
+def _unit_values(codes: np.ndarray, unit: int) -> np.ndarray:
+    """Ternary codes int ``[R, cols]`` -> parse-unit values uint8 ``[R, ceil(cols/unit)]``, ``s0 + 3·s1 + ...``
+    of each unit's symbols (a short last unit is padded with zero symbols)."""
     codes = np.asarray(codes)
     if codes.size and (codes.min() < -1 or codes.max() > 1):
         raise ConfigError(f"ternary codes must be -1, 0 or 1; got values in [{codes.min()}, {codes.max()}]")
     sym = _SYMBOL_OF_CODE[codes.astype(np.int64) + 1]
-    if sym.shape[-1] % 2:
-        sym = np.concatenate([sym, np.zeros(sym.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return (sym[..., 0::2] + 3 * sym[..., 1::2]).astype(np.uint8)
+    pad = -sym.shape[-1] % unit
+    if pad:
+        sym = np.concatenate([sym, np.zeros(sym.shape[:-1] + (pad,), np.uint8)], axis=-1)
+    return sum(sym[..., t::unit].astype(np.uint8) * 3**t for t in range(unit)).astype(np.uint8)
 
 
-def pair_counts(codes_list: Iterable[Any]) -> np.ndarray:
-    """Counts int64 ``[9]`` of the pair values of ternary code arrays ``[..., cols]`` (rows read in pairs)."""
-    counts = np.zeros(NUM_PAIRS, np.int64)
+def unit_counts(codes_list: Iterable[Any], unit: int = DEFAULT_UNIT) -> np.ndarray:
+    """Counts int64 ``[3^unit]`` of the parse-unit values of ternary code arrays ``[..., cols]``."""
+    counts = np.zeros(3**unit, np.int64)
     for codes in codes_list:
         c = np.asarray(codes)
-        counts += np.bincount(_pair_values(c.reshape(-1, c.shape[-1])).ravel(), minlength=NUM_PAIRS)
+        counts += np.bincount(_unit_values(c.reshape(-1, c.shape[-1]), unit).ravel(), minlength=3**unit)
     return counts
 
 
 def build_dictionary(
     codes_list: Iterable[Any] = (), *, counts: Any = None, zero_fraction: float | None = None,
-    num_codes: int = MAX_CODES, max_pairs: int = DEFAULT_MAX_PAIRS,
+    num_codes: int = MAX_CODES, unit: int = DEFAULT_UNIT, max_symbols: int = DEFAULT_MAX_SYMBOLS,
 ) -> TernaryDictionary:
-    """The ``num_codes`` most probable pair sequences (up to ``max_pairs`` pairs) under a memoryless model of the
-    pairs, fitted to the ternary code arrays ``codes_list`` (or given as pair ``counts`` ``[9]``, or as a
-    ``zero_fraction`` with the rest split evenly between -1 and 1, QMoE's choice). Add-one smoothing keeps every
-    pair possible. Equal inputs give an equal (and, within a process, the same) dictionary."""
+    """The ``num_codes`` most probable sequences of parse units (``unit`` = 1: single symbols, 2: pairs as in
+    QMoE) of up to ``max_symbols`` symbols, under a memoryless model of the units fitted to the ternary code
+    arrays ``codes_list`` (or given as unit ``counts`` ``[3^unit]``, or as a ``zero_fraction`` with the rest split
+    evenly between -1 and 1, QMoE's choice). Add-one smoothing keeps every unit possible. Equal inputs give an
+    equal (and, within a process, the same) dictionary."""
+    if unit not in (1, 2, 3, 4) or max_symbols % unit or not unit <= max_symbols <= 4 * SYMS_PER_WORD:
+        raise ConfigError(f"unit must be 1 or 2 and max_symbols a multiple of it in [unit, {4 * SYMS_PER_WORD}], "
+                          f"got {unit}, {max_symbols}")
+    if not 3**unit <= num_codes <= MAX_CODES:
+        raise ConfigError(f"num_codes must be in [{3**unit}, {MAX_CODES}], got {num_codes}")
     if zero_fraction is not None:
         if not 0 < zero_fraction < 1:
             raise ConfigError(f"zero_fraction must be in (0, 1), got {zero_fraction}")
         p = np.array([zero_fraction, (1 - zero_fraction) / 2, (1 - zero_fraction) / 2])
-        probs = np.outer(p, p).ravel()  # pair s0 + 3·s1: index [s1, s0] of the outer product, symmetric here
+        probs = p if unit == 1 else np.outer(p, p).ravel()  # symmetric: s0 + 3·s1 indexes [s1, s0]
     else:
-        c = pair_counts(codes_list) if counts is None else np.asarray(counts, np.float64)
-        if c.shape != (NUM_PAIRS,):
-            raise ConfigError(f"pair counts must have shape (9,), got {c.shape}")
-        probs = (c + 1.0) / (c.sum() + NUM_PAIRS)
-    if not NUM_PAIRS <= num_codes <= MAX_CODES or not 1 <= max_pairs <= MAX_PAIRS_LIMIT:
-        raise ConfigError(f"num_codes must be in [9, {MAX_CODES}] and max_pairs in [1, {MAX_PAIRS_LIMIT}], "
-                          f"got {num_codes}, {max_pairs}")
-    return _build(tuple(float(x) for x in probs), int(num_codes), int(max_pairs))
+        c = unit_counts(codes_list, unit) if counts is None else np.asarray(counts, np.float64)
+        if c.shape != (3**unit,):
+            raise ConfigError(f"unit counts must have shape ({3**unit},), got {c.shape}")
+        probs = (c + 1.0) / (c.sum() + 3**unit)
+    return _build(tuple(float(x) for x in probs), int(num_codes), int(unit), int(max_symbols))
 
 
 def qmoe_dictionary(zero_fraction: float = QMOE_ZERO_FRACTION) -> TernaryDictionary:
-    """QMoE's fixed dictionary: i.i.d. ternary symbols with ``zero_fraction`` zeros (2^16 entries, 14 pairs)."""
-    return build_dictionary(zero_fraction=zero_fraction, max_pairs=MAX_PAIRS)
+    """QMoE's fixed dictionary: i.i.d. ternary symbols with ``zero_fraction`` zeros, 2^16 entries of 1..14
+    pairs."""
+    return build_dictionary(zero_fraction=zero_fraction, unit=QMOE_UNIT, max_symbols=QMOE_MAX_SYMBOLS)
 
 
 @functools.lru_cache(maxsize=16)
-def _build(pair_probs: tuple[float, ...], num_codes: int, max_pairs: int) -> TernaryDictionary:
-    logp = np.log(np.asarray(pair_probs, np.float64))
+def _build(unit_probs: tuple[float, ...], num_codes: int, unit: int, max_symbols: int) -> TernaryDictionary:
+    logp = np.log(np.asarray(unit_probs, np.float64))
+    arity = len(unit_probs)
     # Grow the tree level by level, keeping only nodes that can still be among the num_codes most probable: a
     # node's log-probability is below its parent's, so one under the num_codes-th best seen so far (a bound that
     # only rises) is out, and so are its descendants.
-    lp_levels, parent_levels, pair_levels = [], [], []
+    lp_levels, parent_levels, value_levels = [], [], []
     front_lp, front_id = np.zeros(1), np.array([-1])
     seen = np.zeros(0)
     start = 0
-    for level in range(1, max_pairs + 1):
+    for level in range(1, max_symbols // unit + 1):
         lp = (front_lp[:, None] + logp[None, :]).ravel()
         lp_levels.append(lp)
-        parent_levels.append(np.repeat(front_id, NUM_PAIRS))
-        pair_levels.append(np.tile(np.arange(NUM_PAIRS), len(front_id)))
+        parent_levels.append(np.repeat(front_id, arity))
+        value_levels.append(np.tile(np.arange(arity), len(front_id)))
         seen = np.concatenate([seen, lp])
         bound = np.partition(seen, len(seen) - num_codes)[len(seen) - num_codes] if len(seen) > num_codes else -np.inf
         seen = seen[seen >= bound]
@@ -194,57 +200,58 @@ def _build(pair_probs: tuple[float, ...], num_codes: int, max_pairs: int) -> Ter
             break
     lp = np.concatenate(lp_levels)
     parent = np.concatenate(parent_levels)
-    pair = np.concatenate(pair_levels)
+    value = np.concatenate(value_levels)
     level = np.concatenate([np.full(len(a), i + 1) for i, a in enumerate(lp_levels)])
-    # Rank: the 9 single pairs first (any row must parse), then by probability; ties by generation order, which
+    # Rank: the single units first (any row must parse), then by probability; ties by generation order, which
     # is deterministic. A parent is strictly more probable than its child, so the chosen set is prefix-closed.
     key = np.where(level == 1, np.inf, lp)
     order = np.lexsort((np.arange(len(lp)), -key))[:num_codes]
     sel = np.full(len(lp), -1, np.int64)
     sel[order] = np.arange(len(order))
     n = len(order)
-    nwords = -(-int(level[order].max()) // PAIRS_PER_WORD)
+    nwords = -(-int(level[order].max()) * unit // SYMS_PER_WORD)
     words = np.zeros((n, nwords), np.uint32)
-    child = np.full((n + 1, NUM_PAIRS), -1, np.int32)
+    child = np.full((n + 1, arity), -1, np.int32)
     p_sel = np.where(parent[order] < 0, n, sel[np.maximum(parent[order], 0)])  # parent's index (root: n)
-    lvl = level[order]
+    lvl, val = level[order], value[order]
     for depth in range(1, int(lvl.max()) + 1):  # parents first: their words are complete when a child reads them
         idx = np.flatnonzero(lvl == depth)
         par = p_sel[idx]
         base = np.where((par == n)[:, None], 0, words[np.minimum(par, n - 1)]).astype(np.uint32)
         base &= np.uint32(0x0FFFFFFF)  # drop the parent's length
-        j = depth - 1  # this pair's index in the entry: symbols 2j (s0) and 2j + 1 (s1)
-        pv = pair[order][idx].astype(np.uint32)
-        word, shift = (2 * j) // SYMS_PER_WORD, 2 * ((2 * j) % SYMS_PER_WORD)
-        base[:, word] |= ((pv % 3) << shift) | ((pv // 3) << (shift + 2))
-        for i in range(nwords):  # the length, 4 bits on top of each word (low nibble first)
-            base[:, i] |= np.uint32((depth >> (4 * i)) & 15) << np.uint32(28)
+        v = val[idx].astype(np.uint32)
+        for t in range(unit):  # this unit's symbols: (depth - 1)·unit + t
+            k = (depth - 1) * unit + t
+            base[:, k // SYMS_PER_WORD] |= ((v // 3**t) % 3) << np.uint32(2 * (k % SYMS_PER_WORD))
+        length = depth * unit
+        for i in range(nwords):  # the length in symbols, 4 bits on top of each word (low nibble first)
+            base[:, i] |= np.uint32((length >> (4 * i)) & 15) << np.uint32(28)
         words[idx] = base
-        child[par, pair[order][idx]] = idx
-    digest = hashlib.sha256(words.tobytes()).hexdigest()[:32]
+        child[par, val[idx]] = idx
+    digest = hashlib.sha256(words.tobytes() + bytes([unit])).hexdigest()[:32]
     words.setflags(write=False)
     child.setflags(write=False)
-    return TernaryDictionary(words, child, pair_probs, digest)
+    return TernaryDictionary(words, child, unit, unit_probs, digest)
 
 
-def _parse_rows(pairs: np.ndarray, child: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy longest-match parse of every row of ``pairs`` uint8 ``[R, P]`` (all rows at once, one pair column
+def _parse_rows(units: np.ndarray, child: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy longest-match parse of every row of ``units`` uint8 ``[R, P]`` (all rows at once, one unit column
     per step) -> (codewords int32 ``[R, P]``, left-aligned; count int64 ``[R]``)."""
-    r, p = pairs.shape
+    r, p = units.shape
     root = child.shape[0] - 1
     out = np.zeros((r, p), np.int32)
     count = np.zeros(r, np.int64)
     rows = np.arange(r)
     if p == 0:
         return out, count
-    node = child[root, pairs[:, 0]].astype(np.int64)
+    node = child[root, units[:, 0]].astype(np.int64)
     for i in range(1, p):
-        nxt = child[node, pairs[:, i]]
+        nxt = child[node, units[:, i]]
         emit = nxt < 0
         e = rows[emit]
         out[e, count[e]] = node[emit]
         count[e] += 1
-        node = np.where(emit, child[root, pairs[:, i]], nxt)
+        node = np.where(emit, child[root, units[:, i]], nxt)
     out[rows, count] = node
     count += 1
     return out, count
@@ -282,12 +289,12 @@ class TernaryCodec:
 
     def symbols(self) -> jax.Array:
         """Decoded ternary codes int8 ``[..., rows, cols]`` in ``{-1, 0, 1}`` (jittable)."""
-        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows, self.cols)
+        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows, self.cols, self.dictionary.unit)
         return jnp.where(sym == 2, 1, -(sym == 1).astype(jnp.int32)).astype(jnp.int8)  # 0, 1, 2 -> 0, -1, 1
 
     def matrix(self, dtype=jnp.float32) -> jax.Array:
         """The ternary weights ``[..., rows, cols]`` in ``dtype`` (levels per row)."""
-        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows, self.cols)
+        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows, self.cols, self.dictionary.unit)
         lv = self.levels.astype(jnp.float32)
         w = jnp.where(sym == 2, lv[..., 1:2], jnp.where(sym == 1, lv[..., 0:1], 0.0))
         return w.astype(dtype)
@@ -299,31 +306,32 @@ class TernaryCodec:
         return jnp.swapaxes(w, -1, -2).reshape(lead + tuple(self.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "cols"))
-def _decode(codes: jax.Array, offsets: jax.Array, words: jax.Array, rows: int, cols: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("rows", "cols", "unit"))
+def _decode(codes: jax.Array, offsets: jax.Array, words: jax.Array, rows: int, cols: int, unit: int) -> jax.Array:
     """:func:`_decode_symbols` over any leading (stacked) axes; jitted, so eager calls compile once per shape."""
-    fn = functools.partial(_decode_symbols, words=words, rows=rows, cols=cols)
+    fn = functools.partial(_decode_symbols, words=words, rows=rows, cols=cols, unit=unit)
     for _ in range(codes.ndim - 1):
         fn = jax.vmap(fn)
     return fn(codes, offsets)
 
 
-def _decode_symbols(codes: jax.Array, offsets: jax.Array, *, words: jax.Array, rows: int, cols: int) -> jax.Array:
+def _decode_symbols(codes: jax.Array, offsets: jax.Array, *, words: jax.Array, rows: int, cols: int,
+                    unit: int) -> jax.Array:
     """One matrix: codewords uint16 ``[n]`` -> symbols int32 ``[rows, cols]`` in {0, 1, 2} (0, lo, hi)."""
-    half = -(-cols // 2)
-    total = rows * 2 * half  # symbols decoded, with the pad symbol of odd rows
+    width = -(-cols // unit) * unit  # a row's symbols with the padding of its last unit
+    total = rows * width
     c = codes.astype(jnp.int32)
     nwords = words.shape[1]
     flat = words.reshape(-1)
     used = jnp.arange(c.shape[0], dtype=jnp.int32) < offsets[-1]  # a stack pads the shorter matrices
-    length = jnp.where(used, 2 * _lengths(words)[c], 0)
-    start = jnp.cumsum(length) - length  # rows concatenate exactly: each decodes to 2·half symbols
+    length = jnp.where(used, _lengths(words)[c], 0)
+    start = jnp.cumsum(length) - length  # rows concatenate exactly: each decodes to `width` symbols
     mark = jnp.zeros(total, jnp.int32).at[start].add(1, mode="drop")  # padding starts at `total`: dropped
     which = jnp.cumsum(mark) - 1  # the codeword each output position comes from
     k = jnp.arange(total, dtype=jnp.int32) - start[which]
     word = flat[nwords * c[which] + k // SYMS_PER_WORD]
     sym = (word >> (2 * (k % SYMS_PER_WORD)).astype(jnp.uint32)) & 3
-    return sym.astype(jnp.int32).reshape(rows, 2 * half)[:, :cols]
+    return sym.astype(jnp.int32).reshape(rows, width)[:, :cols]
 
 
 def encode_ternary(
@@ -344,8 +352,7 @@ def encode_ternary(
         raise ConfigError(f"kernel shape {kernel_shape} (n_in={n_in}) does not hold a [{rows}, {cols}] matrix")
     if dictionary is None:
         dictionary = build_dictionary([codes])
-    pairs = _pair_values(codes.reshape(-1, cols))
-    words, count = _parse_rows(pairs, dictionary.child)
+    words, count = _parse_rows(_unit_values(codes.reshape(-1, cols), dictionary.unit), dictionary.child)
     count = count.reshape(-1, rows)
     offsets = np.zeros((count.shape[0], rows + 1), np.int64)
     offsets[:, 1:] = np.cumsum(count, axis=1)
@@ -418,7 +425,7 @@ def ternary_stats(codes: Any) -> dict[str, float]:
     sym = np.zeros(3, np.int64)
     for c in arrays:
         sym += np.bincount(np.asarray(c).astype(np.int64).ravel() + 1, minlength=3)[:3]
-    pairs = pair_counts(arrays)
+    pairs = unit_counts(arrays, 2)
     entropy = lambda n: float(-(n[n > 0] / n.sum() * np.log2(n[n > 0] / n.sum())).sum())  # noqa: E731
     return {"zero_fraction": float(sym[1] / sym.sum()), "entropy_bits": entropy(sym),
             "pair_entropy_bits": entropy(pairs) / 2, "num_params": int(sym.sum())}
