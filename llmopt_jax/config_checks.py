@@ -127,7 +127,8 @@ def check_pipeline(num_layers: int, stages: int, microbatches: int, repeats: int
     if (stages, microbatches, repeats) == (1, 1, 1):
         return
     if not scan_layers:
-        raise ConfigError("pipeline parallelism (mesh.stage > 1 or train.microbatches > 1) needs model.scan_layers=True")
+        raise ConfigError("pipeline parallelism (mesh.stage > 1 or train.microbatches > 1) needs "
+                          "model.scan_layers=True")
     if num_experts:
         raise ConfigError("pipeline parallelism does not support mixture-of-experts models yet "
                           f"(model.num_experts={num_experts}); use mesh.stage=1 and train.microbatches=1")
@@ -158,7 +159,8 @@ def check_pipeline_settings(config: Mapping) -> None:
     ways = [int(mesh.get(a, 1)) for a in ("data", "fsdp", "expert")]
     check_pipeline(
         int(model.get("num_layers", 0)) if not pretrained else stages * repeats, stages, micro, repeats,
-        scan_layers=bool(model.get("scan_layers", True)), num_experts=0 if pretrained else int(model.get("num_experts", 0)),
+        scan_layers=bool(model.get("scan_layers", True)),
+        num_experts=0 if pretrained else int(model.get("num_experts", 0)),
         batch_size=int(lookup(config, "data.batch_size")) if -1 not in ways else None,
         batch_ways=ways[0] * ways[1] * ways[2],
     )
