@@ -111,6 +111,7 @@ def test_default_config_has_no_pipeline(tiny_config):
     assert tiny_config.train.microbatches == 1 and tiny_config.mesh.stage == 1
 
 
+@pytest.mark.slow
 def test_pipelined_training_runs_checkpoints_and_resumes(tmp_path, tiny_config):
     """The loop trains with stage=4 x data=2 x 4 microbatches; a resumed run equals an uninterrupted one."""
     from llmopt_jax.train.loop import train

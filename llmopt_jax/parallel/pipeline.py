@@ -19,8 +19,13 @@ layers form ``S·R`` virtual stages of ``L/(S·R)`` layers; virtual stage ``r·S
 each microbatch loops ``R`` times around the ring and the bubble shrinks ``R``-fold. It needs ``M >= S``
 (a microbatch leaving the last stage waits in a circular buffer until stage 0 is free). The parameters stay
 stored in layer order (contiguous blocks of ``L/S`` layers per stage, as the ``layers -> stage`` rule shards
-them), so with ``R > 1`` XLA moves block weights between stage devices inside every step: a circular
-schedule trades that traffic for the smaller bubble.
+them), so with ``R > 1`` XLA moves block weights between stage devices inside every step (a collective
+permute in the forward; for the gradients' way back XLA:CPU chose an all-gather of the layer stack): a circular
+schedule trades that traffic and memory for the smaller bubble. Storing the weights as ``[R, S, ...]`` (as
+MaxText does) would remove it; not done here, so that checkpoints keep one layer order for every mesh.
+
+Only the layer stack is pipelined: the embedding, the final norm, the LM head and the loss run on the whole
+batch outside it, sharded over the batch axes and repeated on every stage (``S``-fold redundant work there).
 
 Microbatch ``m`` holds batch rows ``m, m+M, m+2M, ...``: each data-parallel shard keeps its own rows, so
 splitting the batch moves no data.
@@ -34,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from llmopt_jax.config_checks import check_pipeline  # noqa: F401 - re-exported
+from llmopt_jax.errors import ConfigError
 
 STAGE_AXIS = "stage"
 
@@ -114,6 +120,8 @@ def pipeline_layers(
     Returns ``[B, ...]``.
     """
     s_, m_, r_ = stages, microbatches, repeats
+    if x.shape[0] % m_:
+        raise ConfigError(f"a pipelined forward of batch {x.shape[0]} does not split into train.microbatches={m_}")
     constrain = constrain or (lambda a, axes: a)
     num_layers = jax.tree.leaves(layer_params)[0].shape[0]
     chunk = num_layers // (s_ * r_)
