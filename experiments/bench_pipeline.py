@@ -11,13 +11,16 @@ bubble-free baseline doing the same useful work). Two measures of the bubble per
 - ``flops_bubble = 1 - baseline_matmul_flops / matmul_flops``: matmul FLOPs of the traced step, scan bodies
   times their lengths (``pipeline.matmul_flops``; the work the schedule really issues, bubble iterations included,
   free of timing noise), and
-- ``time_bubble = 1 - baseline_seconds / pipelined_seconds`` (medians of ``timing_repeats`` runs).
+- ``time_bubble = 1 - baseline_seconds / pipelined_seconds`` (medians of ``timing_repeats`` runs), and
+  ``cpu_bubble`` the same with the process's CPU time (all threads), which other programs on a shared host
+  disturb less than wall time.
 
 On fake CPU devices all devices share the host's cores, so wall time measures the *total* work of all devices,
 not the overlap of stages: the bubble shows up because idle stages compute on padding in this implementation (as
 they would sit idle on real accelerators). What fake devices cannot show: real concurrency, the cost of the
 stage-to-stage transfers on a real interconnect, or smaller microbatches running less efficiently on an
-accelerator. Writes results.json (``rows``; flat ``m{M}_r{R}_{flops,time,predicted}_bubble``) and bubble.png.
+accelerator. Writes results.json (``rows``; flat ``m{M}_r{R}_{predicted,flops,time,cpu}_bubble``) and
+bubble.png.
 """
 
 from llmopt_jax import cli
@@ -81,33 +84,37 @@ def main(config, workdir):
         compiled = fn.lower(params, graphdef, x).compile()
         flops = matmul_flops(lambda p, x: jax.grad(layer_stack_loss, argnums=(0, 2))(p, graphdef, x), params, x)
         jax.block_until_ready(compiled(params, x))  # warm-up
-        times = []
+        times, cpu = [], []
         for _ in range(int(config.timing_repeats)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(compiled(params, x))
             times.append(time.perf_counter() - t0)
-        return statistics.median(times), flops
+            cpu.append(time.process_time() - c0)
+        return statistics.median(times), statistics.median(cpu), flops
 
-    base_seconds, base_flops = measure(base_cfg, dict(data=devices, fsdp=1))
-    print(f"baseline (data={devices}, no pipeline): {base_seconds * 1e3:.1f} ms, {base_flops:.3g} matmul FLOPs")
+    base_seconds, base_cpu, base_flops = measure(base_cfg, dict(data=devices, fsdp=1))
+    print(f"baseline (data={devices}, no pipeline): {base_seconds * 1e3:.1f} ms, {base_cpu * 1e3:.1f} ms CPU, "
+          f"{base_flops:.3g} matmul FLOPs")
     rows = []
     for m, r in rows_wanted:
         cfg = dataclasses.replace(base_cfg, pipeline_stages=stages, pipeline_microbatches=m, pipeline_repeats=r)
-        seconds, flops = measure(cfg, dict(stage=stages, data=data, fsdp=1))
+        seconds, cpu, flops = measure(cfg, dict(stage=stages, data=data, fsdp=1))
         row = {
             "stages": stages, "microbatches": m, "pipeline_repeats": r, "iterations": num_iterations(stages, m, r),
             "predicted_bubble": bubble_fraction(stages, m, r), "seconds": seconds, "baseline_seconds": base_seconds,
-            "time_bubble": 1.0 - base_seconds / seconds, "matmul_flops": flops,
+            "time_bubble": 1.0 - base_seconds / seconds, "cpu_seconds": cpu, "baseline_cpu_seconds": base_cpu,
+            "cpu_bubble": 1.0 - base_cpu / cpu, "matmul_flops": flops,
             "baseline_matmul_flops": base_flops, "flops_bubble": 1.0 - base_flops / flops if flops else None,
         }
         rows.append(row)
         print(f"M={m} R={r}: predicted {row['predicted_bubble']:.3f}  flops {row['flops_bubble']:.3f}  "
-              f"time {row['time_bubble']:.3f} ({seconds * 1e3:.1f} ms)", flush=True)
+              f"time {row['time_bubble']:.3f} ({seconds * 1e3:.1f} ms)  "
+              f"cpu {row['cpu_bubble']:.3f} ({cpu * 1e3:.1f} ms)", flush=True)
     results = {"rows": rows, "baseline_seconds": base_seconds, "baseline_matmul_flops": base_flops,
                "backend": jax.default_backend(), "num_devices": devices, "stages": stages}
     for row in rows:
         key = f"m{row['microbatches']}_r{row['pipeline_repeats']}"
-        for what in ("predicted", "flops", "time"):
+        for what in ("predicted", "flops", "time", "cpu"):
             results[f"{key}_{what}_bubble"] = row[f"{what}_bubble"]
     write_json(os.path.join(workdir, "results.json"), results)
     plot(rows, stages, os.path.join(workdir, "bubble.png"))
@@ -129,6 +136,7 @@ def plot(rows, stages, path):
         ax.plot(grid, (stages - 1) / (grid * r + stages - 1), label=f"(S-1)/(M·{r}+S-1)")
         ax.plot(ms, [row["flops_bubble"] for row in sel], "o", label=f"matmul FLOPs, R={r}")
         ax.plot(ms, [row["time_bubble"] for row in sel], "x", label=f"wall time, R={r}")
+        ax.plot(ms, [row["cpu_bubble"] for row in sel], "+", label=f"process CPU time, R={r}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("microbatches M")
     ax.set_ylabel("bubble fraction")
