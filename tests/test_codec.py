@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import TINY_CFG
 from llmopt_jax.compress import codec
-from llmopt_jax.compress.calibrate import KERNEL_INPUT_DIMS, kernel_to_matrix, matrix_to_kernel
+from llmopt_jax.compress.calibrate import KERNEL_INPUT_DIMS, kernel_to_matrix
 from llmopt_jax.compress.packed import block_linear_sizes, pack_params, packed_dot_general, packed_model
 from llmopt_jax.compress.quantize import QuantGrid, QuantizedMatrix, gptq_quantize, rtn_quantize
 from llmopt_jax.errors import ConfigError
@@ -112,6 +112,28 @@ def test_encoding_is_deterministic_and_decoding_bit_exact(shape, unit):
     np.testing.assert_array_equal(row, codes.reshape(-1, shape[-2], shape[-1])[0][min(1, shape[-2] - 1)])
 
 
+@pytest.mark.parametrize("block_rows", [1, 0], ids=["per_row", "auto_blocks"])
+def test_ans_codec_is_deterministic_and_bit_exact(block_rows):
+    rng = np.random.default_rng(7)
+    codes = rng.choice(np.array([0, -1, 1], np.int8), size=(2, 12, 40), p=[0.9, 0.07, 0.03])
+    codes[0, 0], codes[0, 1], codes[1, 2] = 0, 1, -1  # all zero, all +1, all -1: the extremes of the row model
+    lo, hi = -rng.uniform(0.1, 1, (2, 12)), rng.uniform(0.1, 1, (2, 12))
+    a, b = (codec.encode_ternary_ans(codes, lo, hi, block_rows=block_rows) for _ in range(2))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert a.block_rows == (1 if block_rows == 1 else 12)  # auto: 12 rows x 40 < 1024 symbols: one stream
+    assert a.offsets.shape == (2, 12 // a.block_rows + 1) and a.freq.shape == (2, 12 // a.block_rows)
+    np.testing.assert_array_equal(codec.decode_ternary(a), codes)
+    assert codec.bits_per_param(a)["bytes_dictionary"] == 0
+    # The dictionary codec takes the same blocks.
+    d = codec.build_dictionary([codes], num_codes=1024)
+    blocked = codec.encode_ternary(codes, lo, hi, d, block_rows=3)
+    assert blocked.offsets.shape == (2, 5)
+    np.testing.assert_array_equal(codec.decode_ternary(blocked), codes)
+    with pytest.raises(ConfigError, match="divide"):
+        codec.encode_ternary_ans(codes, lo, hi, block_rows=5)
+
+
 def test_rate_at_qmoe_like_zero_fractions():
     """~90 % zeros (what GPTQ ternary with dampening gives QMoE) on SmolLM2's gate/up shape: codewords alone near
     0.66 bits per weight (entropy 0.57), with offsets and levels under 0.8. The dictionary (768 KiB) is shared
@@ -131,6 +153,12 @@ def test_rate_at_qmoe_like_zero_fractions():
     assert without_dictionary + 8 * 3 * 2**18 / (90 * 1536 * 576) < 0.85  # amortised as in SmolLM2's MLPs
     qmoe = codec.bits_per_param(codec.encode_ternary(codes, -np.ones(768), np.ones(768), codec.qmoe_dictionary()))
     assert qmoe["bits_per_param_codes"] > rate["bits_per_param_codes"]
+    # Per-row rANS: near each row's entropy, no table; 32 bits of final state per row (blocks of 2 rows halve it).
+    ans = codec.encode_ternary_ans(codes, -np.ones(768), np.ones(768), block_rows=0)
+    np.testing.assert_array_equal(codec.decode_ternary(ans), codes)
+    ans_rate = codec.bits_per_param(ans)
+    assert ans.block_rows == 2 and ans_rate["bits_per_param"] < 0.7
+    assert stats["entropy_bits"] < ans_rate["bits_per_param_codes"] < stats["entropy_bits"] + 0.05
 
 
 def test_codec_errors():
@@ -143,35 +171,34 @@ def test_codec_errors():
         codec.encode_matrix(QuantizedMatrix(codes, ones, ones, QuantGrid(4, 4)))
 
 
-def ternary_records(pure: dict) -> dict:
-    """``report["quantized"]``-style RTN-ternary records of every block kernel of a stacked-layers model (what
-    ``compress_sequentially`` with ``{"method": "rtn", "ternary": True}`` returns, without its block passes)."""
-    out = {}
+def ternary_records(pure: dict) -> tuple[dict, dict]:
+    """``(report["quantized"]``-style RTN-ternary records of every block kernel of a stacked-layers model (what
+    ``compress_sequentially`` with ``{"method": "rtn", "ternary": True}`` returns, without its block passes), and
+    the params with those kernels dequantized)."""
+    out, new = {}, jax.tree.map(np.asarray, pure)
     for name, sub in pure["layers"].items():
         if "kernel" not in sub:
             continue
-        qms = [rtn_quantize(kernel_to_matrix(name, k), TERNARY)[1] for k in sub["kernel"]]
-        out[name] = {"kernel": jax.tree.map(lambda *a: jnp.stack(a), *qms)}
-    return {"layers": out}
+        pairs = [rtn_quantize(kernel_to_matrix(name, k), TERNARY) for k in sub["kernel"]]
+        out[name] = {"kernel": QuantizedMatrix(*(np.stack([np.asarray(getattr(q, f)) for _, q in pairs])
+                                                 for f in ("codes", "scale", "offset")), TERNARY)}
+        new["layers"][name]["kernel"] = np.stack([np.asarray(w).T.reshape(k.shape) for (w, _), k in
+                                                  zip(pairs, sub["kernel"])])
+    return {"layers": out}, new
 
 
-def test_model_from_compressed_bytes_equals_the_dequantized_model():
+@pytest.mark.parametrize("which", ["dictionary", "ans"])
+def test_model_from_compressed_bytes_equals_the_dequantized_model(which):
     cfg = TINY_CFG
     graphdef, params = init_model(cfg, seed=5)
     pure = nnx.to_pure_dict(params)
-    quantized = ternary_records(pure)
-    packed = pack_params(pure, quantized, KERNEL_INPUT_DIMS)
+    quantized, new = ternary_records(pure)
+    packed = pack_params(pure, quantized, KERNEL_INPUT_DIMS, ternary_codec=which, block_rows=0)
     leaves = codec.codec_leaves(packed)
-    assert len(leaves) == 7 and len({x.dictionary for x in leaves}) == 1  # one table for the model
-    new = jax.tree.map(lambda x: x, pure)
-    for name, rec in quantized["layers"].items():
-        kernels = [matrix_to_kernel(name, m.dequantize(), k) for m, k in
-                   zip([jax.tree.map(lambda a: a[i], rec["kernel"]) for i in range(cfg.num_layers)],
-                       pure["layers"][name]["kernel"])]
-        new["layers"][name]["kernel"] = jnp.stack(kernels)
-        # The codec's kernels are the dequantized float kernels, bit for bit.
-        np.testing.assert_array_equal(np.asarray(packed["layers"][name]["kernel"].dequantize()),
-                                      np.asarray(new["layers"][name]["kernel"]))
+    assert len(leaves) == 7 and len({x.dictionary for x in leaves}) == 1  # one table for the model (or none)
+    # The codec's kernels are the dequantized float kernels, bit for bit.
+    np.testing.assert_array_equal(np.asarray(packed["layers"]["o_proj"]["kernel"].dequantize()),
+                                  new["layers"]["o_proj"]["kernel"])
     windows = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)))
     pgraph, pparams = packed_model(cfg, packed)
     got, _ = nnx.merge(pgraph, pparams)(windows)

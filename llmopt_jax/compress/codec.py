@@ -275,6 +275,7 @@ class TernaryCodec:
     cols: int = struct.field(pytree_node=False)
     shape: tuple[int, ...] = struct.field(pytree_node=False)
     n_in: int = struct.field(pytree_node=False)
+    block_rows: int = struct.field(pytree_node=False, default=1)  # rows per stream (offsets per block of rows)
 
     is_packed = True  # the model hands it to its dot_general, quantizers refuse it
 
@@ -289,12 +290,14 @@ class TernaryCodec:
 
     def symbols(self) -> jax.Array:
         """Decoded ternary codes int8 ``[..., rows, cols]`` in ``{-1, 0, 1}`` (jittable)."""
-        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows, self.cols, self.dictionary.unit)
+        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows // self.block_rows,
+                      self.cols * self.block_rows, self.dictionary.unit).reshape(self.codes.shape[:-1] + (self.rows, self.cols))
         return jnp.where(sym == 2, 1, -(sym == 1).astype(jnp.int32)).astype(jnp.int8)  # 0, 1, 2 -> 0, -1, 1
 
     def matrix(self, dtype=jnp.float32) -> jax.Array:
         """The ternary weights ``[..., rows, cols]`` in ``dtype`` (levels per row)."""
-        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows, self.cols, self.dictionary.unit)
+        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows // self.block_rows,
+                      self.cols * self.block_rows, self.dictionary.unit).reshape(self.codes.shape[:-1] + (self.rows, self.cols))
         lv = self.levels.astype(jnp.float32)
         w = jnp.where(sym == 2, lv[..., 1:2], jnp.where(sym == 1, lv[..., 0:1], 0.0))
         return w.astype(dtype)
@@ -334,14 +337,18 @@ def _decode_symbols(codes: jax.Array, offsets: jax.Array, *, words: jax.Array, r
     return sym.astype(jnp.int32).reshape(rows, width)[:, :cols]
 
 
-def encode_ternary(
-    codes: Any, lo: Any, hi: Any, dictionary: TernaryDictionary | None = None, *,
-    kernel_shape: tuple[int, ...] | None = None, n_in: int = 1,
-) -> TernaryCodec:
-    """Compresses ternary ``codes`` int ``[..., rows, cols]`` in {-1, 0, 1} with per-row levels ``lo``/``hi``
-    float ``[..., rows]`` (stored as float16; value of -1 and +1). ``dictionary`` default: one fitted to these
-    codes (:func:`build_dictionary`). ``kernel_shape`` (default ``(cols, rows)``) is the float kernel's shape
-    with ``n_in`` leading input dims. Deterministic; host-side NumPy."""
+MIN_STREAM_SYMBOLS = 1024  # block_rows=0 (auto): the fewest rows per stream that give a stream this long
+
+
+def auto_block_rows(rows: int, cols: int, min_symbols: int = MIN_STREAM_SYMBOLS) -> int:
+    """The smallest divisor ``b`` of ``rows`` with ``b·cols >= min_symbols`` (``rows`` if none): rows per stream
+    that keep the per-stream costs (offset, rANS state and model byte, the last codeword) small next to the
+    stream, e.g. for an expert's short rows."""
+    return next((b for b in range(1, rows + 1) if rows % b == 0 and b * cols >= min_symbols), rows)
+
+
+def _prepare(codes, lo, hi, kernel_shape, n_in, block_rows):
+    """Checks; ``(lead, rows, cols, b, lo, hi, kernel_shape, streams [M, rows/b, b·cols])``."""
     codes = np.asarray(codes)
     if codes.ndim < 2:
         raise ConfigError(f"expected ternary codes [..., rows, cols], got shape {codes.shape}")
@@ -350,9 +357,26 @@ def encode_ternary(
     kernel_shape = tuple(kernel_shape or (cols, rows))
     if math.prod(kernel_shape[:n_in]) != cols or math.prod(kernel_shape[n_in:]) != rows:
         raise ConfigError(f"kernel shape {kernel_shape} (n_in={n_in}) does not hold a [{rows}, {cols}] matrix")
+    b = auto_block_rows(rows, cols) if block_rows == 0 else int(block_rows)
+    if b < 1 or rows % b:
+        raise ConfigError(f"block_rows must divide the {rows} rows (or be 0 = auto), got {block_rows}")
+    return lead, rows, cols, b, lo, hi, kernel_shape, codes.reshape(-1, rows // b, b * cols)
+
+
+def encode_ternary(
+    codes: Any, lo: Any, hi: Any, dictionary: TernaryDictionary | None = None, *,
+    kernel_shape: tuple[int, ...] | None = None, n_in: int = 1, block_rows: int = 1,
+) -> TernaryCodec:
+    """Compresses ternary ``codes`` int ``[..., rows, cols]`` in {-1, 0, 1} with per-row levels ``lo``/``hi``
+    float ``[..., rows]`` (stored as float16; value of -1 and +1). ``dictionary`` default: one fitted to these
+    codes (:func:`build_dictionary`). ``kernel_shape`` (default ``(cols, rows)``) is the float kernel's shape
+    with ``n_in`` leading input dims. ``block_rows`` rows share one stream and offset (1: per row, as QMoE; 0:
+    :func:`auto_block_rows`). Deterministic; host-side NumPy."""
+    lead, rows_, cols_, b, lo, hi, kernel_shape, streams = _prepare(codes, lo, hi, kernel_shape, n_in, block_rows)
     if dictionary is None:
-        dictionary = build_dictionary([codes])
-    words, count = _parse_rows(_unit_values(codes.reshape(-1, cols), dictionary.unit), dictionary.child)
+        dictionary = build_dictionary([streams])
+    rows, cols = streams.shape[1:]
+    words, count = _parse_rows(_unit_values(streams.reshape(-1, cols), dictionary.unit), dictionary.child)
     count = count.reshape(-1, rows)
     offsets = np.zeros((count.shape[0], rows + 1), np.int64)
     offsets[:, 1:] = np.cumsum(count, axis=1)
@@ -368,7 +392,7 @@ def encode_ternary(
     levels = np.stack([lo, hi], axis=-1).astype(np.float16)
     return TernaryCodec(
         jnp.asarray(stream.reshape(*lead, n)), jnp.asarray(offsets.reshape(*lead, rows + 1).astype(np.int32)),
-        jnp.asarray(levels), dictionary, rows, cols, kernel_shape, int(n_in))
+        jnp.asarray(levels), dictionary, rows_, cols_, kernel_shape, int(n_in), b)
 
 
 def decode_ternary(tc: TernaryCodec) -> np.ndarray:
@@ -376,10 +400,16 @@ def decode_ternary(tc: TernaryCodec) -> np.ndarray:
     return np.asarray(tc.symbols())
 
 
+CODECS = ("ans", "dictionary")
+
+
 def encode_matrix(qm, kernel_shape: tuple[int, ...] | None = None, n_in: int = 1,
-                  dictionary: TernaryDictionary | None = None) -> TernaryCodec:
-    """:func:`encode_ternary` of a :class:`~llmopt_jax.compress.quantize.QuantizedMatrix` on a ternary grid with
-    one pair of levels per row (per channel or per tensor; ``[rows, cols]`` or stacked ``[layers, rows, cols]``)."""
+                  dictionary: TernaryDictionary | None = None, *, codec: str = "dictionary", block_rows: int = 1):
+    """A :class:`~llmopt_jax.compress.quantize.QuantizedMatrix` on a ternary grid with one pair of levels per row
+    (per channel or per tensor; ``[rows, cols]`` or stacked ``[layers, rows, cols]``) coded by ``codec``:
+    ``"dictionary"`` (:func:`encode_ternary`, QMoE's scheme) or ``"ans"`` (:func:`encode_ternary_ans`)."""
+    if codec not in CODECS:
+        raise ConfigError(f"ternary codec must be one of {CODECS}, got {codec!r}")
     grid = qm.grid
     if not getattr(grid, "ternary", False):
         raise ConfigError(f"the codec stores ternary grids, got {grid.describe()}")
@@ -387,33 +417,192 @@ def encode_matrix(qm, kernel_shape: tuple[int, ...] | None = None, n_in: int = 1
         raise ConfigError("the codec keeps one pair of levels per row: quantize ternary per channel "
                           f"(group_size -1), not groups of {grid.group_size}")
     scale, offset = np.asarray(qm.scale)[..., 0], np.asarray(qm.offset)[..., 0]  # [..., rows or 1]: hi, lo
-    return encode_ternary(np.asarray(qm.codes), offset, scale, dictionary, kernel_shape=kernel_shape, n_in=n_in)
+    if codec == "ans":
+        return encode_ternary_ans(np.asarray(qm.codes), offset, scale, kernel_shape=kernel_shape, n_in=n_in,
+                                  block_rows=block_rows)
+    return encode_ternary(np.asarray(qm.codes), offset, scale, dictionary, kernel_shape=kernel_shape, n_in=n_in,
+                          block_rows=block_rows)
 
 
-def codec_leaves(tree: Any) -> list[TernaryCodec]:
-    """The :class:`TernaryCodec` leaves of a pytree (or ``[tree]`` if it is one)."""
-    is_codec = lambda x: isinstance(x, TernaryCodec)  # noqa: E731
+# ----------------------------------------------------------------------------------------------------------
+# Per-row rANS: an entropy coder that reaches each row's own entropy (module docstring).
+
+ANS_BITS = 16  # frequencies sum to 2^16; state in [2^16, 2^32); 16-bit words in and out
+_ANS_L = 1 << ANS_BITS
+# Per-row frequency of each of -1 and +1 (out of 2^16) on a log grid of 256 steps of 2^(1/16): one byte per row.
+ANS_FREQ = np.maximum(1, np.round(32767 * 2.0 ** (-(255 - np.arange(256)) / 16))).astype(np.int64)
+
+
+@struct.dataclass
+class TernaryANS:
+    """A ternary matrix ``[rows, cols]`` (optionally stacked) coded row by row with rANS (Duda, 2013) under a
+    per-row model ``P(0) = 1 - 2f/2^16``, ``P(-1) = P(+1) = f/2^16`` (``f = ANS_FREQ[freq]``, one byte per row).
+
+    ``codes`` uint16 ``[..., n]`` (each row's stream: its final 32-bit state, then the words the encoder
+    emitted, last first; rows one after the other), ``offsets`` int32 ``[..., rows + 1]``, ``freq`` uint8
+    ``[..., rows]``, ``levels`` float16 ``[..., rows, 2]`` (``lo``, ``hi``). Same interface as
+    :class:`TernaryCodec`."""
+
+    codes: jax.Array
+    offsets: jax.Array
+    freq: jax.Array
+    levels: jax.Array
+    rows: int = struct.field(pytree_node=False)
+    cols: int = struct.field(pytree_node=False)
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    n_in: int = struct.field(pytree_node=False)
+    block_rows: int = struct.field(pytree_node=False, default=1)
+
+    is_packed = True
+    dictionary = None
+
+    @property
+    def dtype(self):
+        return jnp.uint16
+
+    @property
+    def num_weights(self) -> int:
+        return int(np.prod(self.codes.shape[:-1], dtype=np.int64)) * self.rows * self.cols
+
+    def _sym(self) -> jax.Array:
+        sym = _ans_decode(self.codes, self.offsets, self.freq, self.cols * self.block_rows)
+        return sym.reshape(self.codes.shape[:-1] + (self.rows, self.cols))
+
+    def symbols(self) -> jax.Array:
+        """Decoded ternary codes int8 ``[..., rows, cols]`` in ``{-1, 0, 1}`` (jittable)."""
+        sym = self._sym()
+        return jnp.where(sym == 2, 1, -(sym == 1).astype(jnp.int32)).astype(jnp.int8)
+
+    def matrix(self, dtype=jnp.float32) -> jax.Array:
+        """The ternary weights ``[..., rows, cols]`` in ``dtype``."""
+        sym, lv = self._sym(), self.levels.astype(jnp.float32)
+        return jnp.where(sym == 2, lv[..., 1:2], jnp.where(sym == 1, lv[..., 0:1], 0.0)).astype(dtype)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The float kernel ``[..., *shape]`` in ``dtype``."""
+        w = self.matrix(dtype)
+        return jnp.swapaxes(w, -1, -2).reshape(w.shape[:-2] + tuple(self.shape))
+
+
+def _ans_row_freq(sym: np.ndarray) -> np.ndarray:
+    """Per row of symbols uint8 ``[R, cols]`` the index into :data:`ANS_FREQ` that codes it shortest."""
+    zeros = (sym == 0).sum(axis=1, dtype=np.int64)[:, None]
+    other = sym.shape[1] - zeros
+    f = ANS_FREQ[None, :].astype(np.float64)
+    bits = -zeros * np.log2((_ANS_L - 2 * f) / _ANS_L) - other * np.log2(f / _ANS_L)
+    return np.argmin(bits, axis=1).astype(np.uint8)  # first minimum: deterministic
+
+
+def encode_ternary_ans(codes: Any, lo: Any, hi: Any, *, kernel_shape: tuple[int, ...] | None = None,
+                       n_in: int = 1, block_rows: int = 1) -> TernaryANS:
+    """Like :func:`encode_ternary`, with per-row (per ``block_rows`` rows) rANS instead of the dictionary: no
+    shared table, one model byte per stream. Host-side NumPy, all streams at once, deterministic."""
+    lead, rows_, cols_, b, lo, hi, kernel_shape, streams = _prepare(codes, lo, hi, kernel_shape, n_in, block_rows)
+    rows, cols = streams.shape[1:]
+    sym = _unit_values(streams.reshape(-1, cols), 1)
+    r = sym.shape[0]
+    freq = _ans_row_freq(sym)
+    f1 = ANS_FREQ[freq].astype(np.uint64)
+    f0 = np.uint64(_ANS_L) - 2 * f1
+    fs_of = np.stack([f0, f1, f1], 1)
+    cs_of = np.stack([np.zeros_like(f0), f0, f0 + f1], 1)
+    x = np.full(r, _ANS_L, np.uint64)
+    emitted = np.zeros((r, cols), np.uint16)
+    count = np.zeros(r, np.int64)
+    idx = np.arange(r)
+    for j in range(cols - 1, -1, -1):  # rANS codes backwards so that the decoder reads forwards
+        s = sym[:, j]
+        fs, cs = fs_of[idx, s], cs_of[idx, s]
+        emit = x >= (fs << np.uint64(ANS_BITS))
+        e = idx[emit]
+        emitted[e, count[e]] = (x[emit] & np.uint64(0xFFFF)).astype(np.uint16)
+        count[e] += 1
+        x = np.where(emit, x >> np.uint64(16), x)
+        x = ((x // fs) << np.uint64(ANS_BITS)) + x % fs + cs
+    lengths = (count + 2).reshape(-1, rows)
+    offsets = np.zeros((lengths.shape[0], rows + 1), np.int64)
+    offsets[:, 1:] = np.cumsum(lengths, axis=1)
+    n = max(int(offsets[:, -1].max()), 1)
+    if n >= 2**31:
+        raise ConfigError(f"a matrix of {rows}x{cols} needs {n} words: more than int32 offsets address")
+    stream = np.zeros((lengths.shape[0], n), np.uint16)
+    head = np.stack([(x >> np.uint64(16)), x & np.uint64(0xFFFF)], 1).astype(np.uint16)
+    # Row i: its state, then its emitted words last first.
+    rev = np.where(np.arange(cols)[None, :] < count[:, None],
+                   np.take_along_axis(emitted, np.maximum(count[:, None] - 1 - np.arange(cols)[None, :], 0), 1), 0)
+    body = np.concatenate([head, rev], axis=1).reshape(-1, rows, cols + 2)
+    for m in range(body.shape[0]):
+        keep = np.arange(cols + 2)[None, :] < lengths[m][:, None]
+        flat = body[m][keep]
+        stream[m, : flat.size] = flat
+    levels = np.stack([lo, hi], axis=-1).astype(np.float16)
+    return TernaryANS(jnp.asarray(stream.reshape(*lead, n)),
+                      jnp.asarray(offsets.reshape(*lead, rows + 1).astype(np.int32)),
+                      jnp.asarray(freq.reshape(*lead, rows)), jnp.asarray(levels), rows_, cols_, kernel_shape,
+                      int(n_in), b)
+
+
+@functools.partial(jax.jit, static_argnames=("cols",))
+def _ans_decode(codes: jax.Array, offsets: jax.Array, freq: jax.Array, cols: int) -> jax.Array:
+    """Symbols int32 ``[..., rows, cols]`` in {0, 1, 2}: every row's rANS decoder run in lockstep, one column per
+    step of a scan (rows are independent streams, found by their offsets)."""
+    def one(codes, offsets, freq):
+        words = codes.astype(jnp.uint32)
+        last = codes.shape[0] - 1
+        f1 = jnp.asarray(ANS_FREQ, jnp.uint32)[freq.astype(jnp.int32)]
+        f0 = jnp.uint32(_ANS_L) - 2 * f1
+        start = offsets[:-1]
+        x = (words[start] << 16) | words[jnp.minimum(start + 1, last)]
+
+        def step(carry, _):
+            x, ptr = carry
+            slot = x & jnp.uint32(0xFFFF)
+            s = (slot >= f0).astype(jnp.int32) + (slot >= f0 + f1).astype(jnp.int32)
+            fs = jnp.where(s == 0, f0, f1)
+            cs = jnp.where(s == 0, 0, jnp.where(s == 1, f0, f0 + f1)).astype(jnp.uint32)
+            x = fs * (x >> 16) + (slot - cs)
+            need = x < jnp.uint32(_ANS_L)
+            x = jnp.where(need, (x << 16) | words[jnp.minimum(ptr, last)], x)
+            return (x, ptr + need.astype(jnp.int32)), s
+
+        _, sym = jax.lax.scan(step, (x, start + 2), None, length=cols)
+        return sym.T
+
+    fn = one
+    for _ in range(codes.ndim - 1):
+        fn = jax.vmap(fn)
+    return fn(codes, offsets, freq)
+
+
+def codec_leaves(tree: Any) -> list:
+    """The :class:`TernaryCodec` and :class:`TernaryANS` leaves of a pytree (or ``[tree]`` if it is one)."""
+    is_codec = lambda x: isinstance(x, (TernaryCodec, TernaryANS))  # noqa: E731
     return [x for x in jax.tree.leaves(tree, is_leaf=is_codec) if is_codec(x)]
 
 
 def bits_per_param(tree: Any) -> dict[str, float]:
-    """Storage of the :class:`TernaryCodec` leaves of ``tree`` measured from the arrays held: bytes of
-    ``codes``, ``offsets``, ``levels`` and of each distinct dictionary once, the weights they stand for, and
-    ``bits_per_param`` (all of it) / ``bits_per_param_codes`` (codewords only)."""
+    """Storage of the codec leaves (:class:`TernaryCodec`, :class:`TernaryANS`) of ``tree`` measured from the
+    arrays held: bytes of ``codes``, ``offsets``, ``levels``, rANS's per-row ``freq`` and each distinct dictionary
+    once, the weights they stand for, ``bits_per_param`` (all of it), ``bits_per_param_codes`` (the code stream
+    only) and ``bits_per_param_without_dictionary`` (what a model large enough to make the shared table
+    negligible would pay, QMoE's regime)."""
     leaves = codec_leaves(tree)
     if not leaves:
-        raise ConfigError("no TernaryCodec in this tree")
+        raise ConfigError("no TernaryCodec or TernaryANS in this tree")
     nbytes = lambda a: int(np.prod(a.shape, dtype=np.int64)) * jnp.dtype(a.dtype).itemsize  # noqa: E731
     codes = sum(nbytes(x.codes) for x in leaves)
     offsets = sum(nbytes(x.offsets) for x in leaves)
     levels = sum(nbytes(x.levels) for x in leaves)
-    dicts = {x.dictionary.digest: x.dictionary.nbytes for x in leaves}
+    side = sum(nbytes(x.freq) for x in leaves if isinstance(x, TernaryANS))
+    dicts = {x.dictionary.digest: x.dictionary.nbytes for x in leaves if x.dictionary is not None}
     weights = sum(x.num_weights for x in leaves)
-    total = codes + offsets + levels + sum(dicts.values())
+    total = codes + offsets + levels + side + sum(dicts.values())
     return {
         "bits_per_param": 8.0 * total / weights, "bits_per_param_codes": 8.0 * codes / weights,
+        "bits_per_param_without_dictionary": 8.0 * (total - sum(dicts.values())) / weights,
         "bytes_total": total, "bytes_codes": codes, "bytes_offsets": offsets, "bytes_levels": levels,
-        "bytes_dictionary": sum(dicts.values()), "num_dictionaries": len(dicts), "num_params": weights,
+        "bytes_row_freq": side, "bytes_dictionary": sum(dicts.values()), "num_dictionaries": len(dicts),
+        "num_params": weights,
     }
 
 

@@ -127,15 +127,17 @@ def is_packed(x) -> bool:
     return isinstance(x, PackedTensor) or getattr(x, "is_packed", False) is True
 
 
-def pack_matrix(qm: QuantizedMatrix, kernel_shape: tuple[int, ...], n_in: int = 1, dictionary=None):
+def pack_matrix(qm: QuantizedMatrix, kernel_shape: tuple[int, ...], n_in: int = 1, dictionary=None, *,
+                ternary_codec: str = "dictionary", block_rows: int = 1):
     """Packs a :class:`QuantizedMatrix` (``[outputs, inputs]`` layout; optionally stacked ``[layers, ...]``) as
-    the kernel of shape ``kernel_shape`` (one layer) whose first ``n_in`` dims are inputs. A ternary grid gives a
-    ``codec.TernaryCodec`` (``dictionary``: its codeword table; default one fitted to this matrix)."""
+    the kernel of shape ``kernel_shape`` (one layer) whose first ``n_in`` dims are inputs. A ternary grid is
+    coded by ``compress/codec.py`` (``ternary_codec``: ``"dictionary"``, QMoE's scheme with ``dictionary`` as
+    its table, default one fitted to this matrix, or ``"ans"``; ``block_rows`` rows per stream, 0 = auto)."""
     grid = qm.grid
     if grid.ternary:
         from llmopt_jax.compress.codec import encode_matrix
 
-        return encode_matrix(qm, tuple(kernel_shape), n_in, dictionary)
+        return encode_matrix(qm, tuple(kernel_shape), n_in, dictionary, codec=ternary_codec, block_rows=block_rows)
     codes, scale, offset = (jnp.asarray(a) for a in (qm.codes, qm.scale, qm.offset))
     stacked = codes.ndim == 3
 
@@ -178,11 +180,13 @@ def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
                                preferred_element_type=preferred_element_type)
 
 
-def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int], dictionary=None) -> dict:
+def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int], dictionary=None, *,
+                ternary_codec: str = "dictionary", block_rows: int = 1) -> dict:
     """``pure`` params with every kernel that has a record in ``quantized`` (``compress_sequentially``'s
-    ``report["quantized"]``) replaced by its :class:`PackedTensor` (ternary records: ``codec.TernaryCodec``s
-    sharing ``dictionary``, default one fitted to all of them); other leaves unchanged."""
-    if dictionary is None and quantized:
+    ``report["quantized"]``) replaced by its :class:`PackedTensor`; ternary records are coded by
+    ``compress/codec.py`` (see :func:`pack_matrix`; the dictionary codec's kernels share ``dictionary``, default one
+    fitted to all of them); other leaves unchanged."""
+    if dictionary is None and quantized and ternary_codec == "dictionary":
         from llmopt_jax.compress.codec import records_dictionary
 
         dictionary = records_dictionary(quantized)
@@ -193,7 +197,8 @@ def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int], 
             if is_packed(params):
                 raise ConfigError("this tensor is already packed")
             one_layer = shape[1:] if records.codes.ndim == 3 else shape
-            return pack_matrix(records, one_layer, kernel_input_dims.get(name, 1), dictionary)
+            return pack_matrix(records, one_layer, kernel_input_dims.get(name, 1), dictionary,
+                               ternary_codec=ternary_codec, block_rows=block_rows)
         if isinstance(records, dict):
             out = dict(params)
             for key, sub in records.items():
@@ -295,7 +300,8 @@ def block_linear_sizes(pure: dict) -> tuple[int, int]:
             weights += int(np.size(leaf.data)) * 8 // leaf.bits
         elif is_packed(leaf):
             weights += leaf.num_weights
-            dictionaries[leaf.dictionary.digest] = leaf.dictionary.nbytes
+            if getattr(leaf, "dictionary", None) is not None:
+                dictionaries[leaf.dictionary.digest] = leaf.dictionary.nbytes
         else:
             weights += int(np.size(leaf))
     return held + sum(dictionaries.values()), weights
