@@ -187,3 +187,21 @@ def test_aot_memory_of_the_moe_preset_on_an_expert_mesh():
     assert report["param_bytes_per_device"] == 4 * (cfg.num_params() - experts + experts // 8)
     # FLOPs per token count the 2 active experts of 8 (and the router), not all of them.
     assert cfg.matmul_params() < cfg.num_params() - experts // 2
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_kv_cache_decoding_of_a_moe_model_matches_full_forward(dispatch):
+    """Serving runs MoE models unchanged: prefill + one-token steps equal the full forward (no token dropped:
+    capacity factor E/k gives C = S)."""
+    cfg = dataclasses.replace(MOE_CFG, moe_dispatch=dispatch, moe_capacity_factor=2.0)
+    graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+    t = _tokens((2, 9), seed=3)
+    run = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c))
+    full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, t)
+    cache = nnx.merge(graphdef, state).init_cache(batch=2, max_len=16)
+    prefill, cache = run(state, t[:, :5], cache)
+    steps = [prefill]
+    for i in range(5, 9):
+        logits, cache = run(state, t[:, i:i + 1], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
