@@ -12,8 +12,10 @@ target itself (:func:`self_draft`, sharing its weights; early exit through the f
 
 The pieces, smallest first:
 
-- :func:`speculative_round` -- one propose/verify round over :class:`SpecState` (both KV caches, the last two
-  tokens). Pure and jittable: the hook for a serving engine that owns its own batching and stop logic.
+- :func:`verify_drafts` -- the acceptance rule alone, on the two models' logits: for a caller that runs the
+  models itself (a serving engine over a paged cache).
+- :func:`speculative_round` -- one propose/verify round over :class:`SpecState` (both contiguous KV caches, the last
+  two tokens). Pure and jittable: the hook for a caller that owns its own batching and stop logic.
 - :func:`speculative_prefill` -- runs the prompts through both models and returns the first token and the state.
 - :class:`SpeculativeGenerator` -- ``generate()`` like :class:`~llmopt_jax.infer.generate.Generator` (same
   arguments, a :class:`~llmopt_jax.infer.generate.Generation` result with acceptance statistics); all rounds run in
@@ -95,6 +97,43 @@ def _processed(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
     return logits.astype(jnp.float32) if sampling.greedy else filter_logits(logits, sampling)
 
 
+def verify_drafts(
+    target_logits: jax.Array, draft_logits: jax.Array, drafts: jax.Array, key: jax.Array, sampling: SamplingConfig
+) -> tuple[jax.Array, jax.Array]:
+    """The acceptance rule alone, for callers that run the two models themselves (a serving engine, paged caches).
+
+    ``target_logits`` float ``[B, k + 1, V]``: the target's raw logits after ``last, d_1 .. d_k``; ``draft_logits``
+    float ``[B, k, V]``: the draft's logits each ``d_i`` was drawn from, already through :func:`filter_logits` when
+    sampling (raw is fine when greedy); ``drafts`` int32 ``[B, k]``. Returns (``num_accepted`` int32 ``[B]`` in
+    ``0 .. k``, ``new_token`` int32 ``[B]``: the target's correction at the first rejection or its bonus token after
+    ``d_k``). Greedy keeps ``d_i`` while it is the target's argmax; sampling keeps it with probability
+    ``min(1, p/q)`` and draws the new token from ``max(0, p - q)`` renormalised (``p`` after ``d_k``).
+    """
+    k = drafts.shape[1]
+    p_logits = _processed(target_logits, sampling)  # [B, k + 1, V]
+    if sampling.greedy:
+        target_choice = jnp.argmax(p_logits, axis=-1).astype(jnp.int32)  # [B, k + 1]
+        kept = drafts == target_choice[:, :k]
+        num_acc = jnp.sum(jnp.cumprod(kept, axis=1), axis=1).astype(jnp.int32)
+        return num_acc, jnp.take_along_axis(target_choice, num_acc[:, None], axis=1)[:, 0]
+    accept_key, resid_key = jax.random.split(key)
+    p = jax.nn.softmax(p_logits, axis=-1)
+    q = jax.nn.softmax(draft_logits.astype(jnp.float32), axis=-1)
+    p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    u = jax.random.uniform(accept_key, p_d.shape)
+    kept = u * q_d < p_d  # u < p/q without dividing; q_d > 0 since d was drawn from q
+    num_acc = jnp.sum(jnp.cumprod(kept, axis=1), axis=1).astype(jnp.int32)
+    # A zero draft row after the last makes the residual at index k the target's own bonus distribution.
+    q_ext = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
+    p_m = jnp.take_along_axis(p, num_acc[:, None, None], axis=1)[:, 0]
+    q_m = jnp.take_along_axis(q_ext, num_acc[:, None, None], axis=1)[:, 0]
+    resid = jnp.maximum(p_m - q_m, 0.0)
+    # p == q up to rounding leaves no residual mass (rejection then had probability ~0): fall back to p.
+    resid = jnp.where(jnp.sum(resid, axis=-1, keepdims=True) > 0, resid, p_m)
+    return num_acc, jax.random.categorical(resid_key, jnp.log(resid), axis=-1).astype(jnp.int32)
+
+
 def speculative_round(
     target_graphdef: nnx.GraphDef,
     target_params: nnx.State,
@@ -143,29 +182,7 @@ def speculative_round(
     # Verify: the target scores last and all k drafts in one pass; p[:, i] is its distribution for drafts[:, i].
     seq = jnp.concatenate([state.last[:, None], drafts], axis=1)  # [B, k + 1] = x_n, d_1 .. d_k
     logits, tcache = target(seq, cache=state.target_cache)
-    p_logits = _processed(logits, sampling)  # [B, k + 1, V]
-    if sampling.greedy:
-        target_choice = jnp.argmax(p_logits, axis=-1).astype(jnp.int32)  # [B, k + 1]
-        kept = drafts == target_choice[:, :k]
-        num_acc = jnp.sum(jnp.cumprod(kept, axis=1), axis=1).astype(jnp.int32)
-        new_tok = jnp.take_along_axis(target_choice, num_acc[:, None], axis=1)[:, 0]
-    else:
-        accept_key, resid_key = jax.random.split(jax.random.fold_in(key, 1))
-        p = jax.nn.softmax(p_logits, axis=-1)
-        q = jax.nn.softmax(q_logits, axis=-1)
-        p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
-        q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-        u = jax.random.uniform(accept_key, p_d.shape)
-        kept = u * q_d < p_d  # u < p/q without dividing; q_d > 0 since d was drawn from q
-        num_acc = jnp.sum(jnp.cumprod(kept, axis=1), axis=1).astype(jnp.int32)
-        # A zero draft row after the last makes the residual at index k the target's own bonus distribution.
-        q_ext = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
-        p_m = jnp.take_along_axis(p, num_acc[:, None, None], axis=1)[:, 0]
-        q_m = jnp.take_along_axis(q_ext, num_acc[:, None, None], axis=1)[:, 0]
-        resid = jnp.maximum(p_m - q_m, 0.0)
-        # p == q up to rounding leaves no residual mass (rejection then had probability ~0): fall back to p.
-        resid = jnp.where(jnp.sum(resid, axis=-1, keepdims=True) > 0, resid, p_m)
-        new_tok = jax.random.categorical(resid_key, jnp.log(resid), axis=-1).astype(jnp.int32)
+    num_acc, new_tok = verify_drafts(logits, q_logits, drafts, jax.random.fold_in(key, 1), sampling)
 
     positions = jnp.arange(k + 1)[None, :]
     tokens = jnp.where(positions == num_acc[:, None], new_tok[:, None],
