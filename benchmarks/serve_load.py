@@ -68,6 +68,7 @@ async def _one(client, url: str, model: str, req: TraceRequest, timeout: float) 
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     last = None
+    usage_seen = done_seen = False
     res = RequestResult(ok=False)
     try:
         async with asyncio.timeout(timeout):
@@ -80,6 +81,7 @@ async def _one(client, url: str, model: str, req: TraceRequest, timeout: float) 
                         continue
                     data = line[6:]
                     if data == "[DONE]":
+                        done_seen = True
                         break
                     chunk = json.loads(data)
                     if "error" in chunk:
@@ -93,12 +95,14 @@ async def _one(client, url: str, model: str, req: TraceRequest, timeout: float) 
                             res.itls.append(now - last)
                         last = now
                     if chunk.get("usage"):
+                        usage_seen = True
                         res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                         res.output_tokens = chunk["usage"]["completion_tokens"]
         res.e2e = time.perf_counter() - t0
-        res.ok = res.output_tokens > 0 and last is not None
+        # A request may end at once (its first token is EOS): zero output tokens is a complete answer.
+        res.ok = usage_seen and done_seen
         if not res.ok:
-            res.error = "no tokens or no usage in the stream"
+            res.error = "the stream ended without usage or [DONE]"
     except Exception as e:  # noqa: BLE001 - a failed request is a measured outcome, not a crash
         res.error = f"{type(e).__name__}: {e}"[:200]
     return res
