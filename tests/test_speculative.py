@@ -70,6 +70,16 @@ def test_sampled_generation_is_reproducible_per_seed(target):
     assert sum(a.accepted) <= sum(a.drafted) <= 2 * 2 * a.rounds  # rows x k x rounds
 
 
+def test_verify_drafts_greedy_rule():
+    from llmopt_jax.infer.speculative import verify_drafts
+
+    choice = np.asarray([[3, 5, 9, 2], [3, 5, 7, 2], [1, 5, 7, 2]])  # the target's argmax after last, d1, d2, d3
+    logits = jnp.asarray(np.eye(10)[choice] * 5.0)
+    drafts = jnp.asarray([[3, 5, 7]] * 3, jnp.int32)
+    num_acc, new = verify_drafts(logits, jnp.zeros((3, 3, 10)), drafts, jax.random.key(0), SamplingConfig())
+    assert num_acc.tolist() == [2, 3, 0] and new.tolist() == [9, 2, 1]  # correction, bonus, correction
+
+
 def test_self_draft_shares_weights_and_checks(target, tiny_cfg):
     # Scanned layers are sliced (the greedy tests above use them); unrolled ones are the target's own arrays.
     unrolled = _model(dataclasses.replace(tiny_cfg, num_layers=3, scan_layers=False), 0, 1.0)
