@@ -186,13 +186,15 @@ def pipeline_layers(
         items = t - stage_ids  # the item stage s works on: microbatch item % M, repeat item // M
         repeat_idx = jnp.clip(items // m_, 0, r_ - 1)
         # Stage 0 starts item t: a fresh microbatch in the first round, else the one waiting in circ.
-        first = jnp.where(t < m_, xs[t % m_], circ[t % m_])
+        first = xs[t % m_] if r_ == 1 else jnp.where(t < m_, xs[t % m_], circ[t % m_])
         x_in = shift(first, prev_out, stage_axes)
         # Side inputs travel with their microbatch (shifted, not gathered per stage: a gather over the
         # microbatch axis of a data-sharded array trips XLA's SPMD partitioner).
         side_in = jax.tree.map(lambda a, p: shift(a[t % m_], p, buffer_axes(p)), side, prev_side)
         out = vmapped(pick_params(params, repeat_idx), x_in, side_in)
         out = constrain(out, stage_axes)
+        if r_ == 1:  # GPipe: nothing returns to stage 0; the last stage's outputs leave as the scan's outputs
+            return (out, side_in, None), out[-1]
         # The last stage finished item t-(S-1): keep it for its next round, or as the final output.
         done = t - (s_ - 1)
         slot = jnp.mod(done, m_)
@@ -202,9 +204,11 @@ def pipeline_layers(
 
     init = (constrain(jnp.zeros((s_,) + xs.shape[1:], x.dtype), stage_axes),
             jax.tree.map(lambda a: jnp.zeros((s_,) + a.shape[1:], a.dtype), side),
-            jnp.zeros_like(xs))
+            None if r_ == 1 else jnp.zeros_like(xs))
     iterations = jnp.arange(num_iterations(s_, m_, r_), dtype=jnp.int32)
-    (_, _, circ), _ = jax.lax.scan(step, init, iterations)
+    (_, _, circ), last = jax.lax.scan(step, init, iterations)
+    if r_ == 1:  # the last stage's output of iteration t is microbatch t-(S-1)
+        return merge_microbatches(constrain(last[s_ - 1:], store_axes))
     # After the last round circ holds every microbatch's output of the last virtual stage.
     return merge_microbatches(circ)
 
