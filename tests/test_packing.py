@@ -90,3 +90,38 @@ def test_packed_loss_equals_each_document_alone(tiny_cfg):
     # The training loss is the mean over the counted targets.
     loss = jax.jit(loss_fn, static_argnums=1)(params, graphdef, batch)
     np.testing.assert_allclose(float(loss), float(np.sum(nll * weights) / np.sum(weights)), rtol=1e-6)
+
+
+def test_training_batches_from_config(tmp_path):
+    """``data.documents`` packs the files or paragraphs of ``data.text_files``; ``data.tokenizer`` takes a model
+    name (its own BPE tokenizer, whose EOS separates the documents)."""
+    from llmopt_jax.train.loop import make_tokenizer, training_batches
+    from tests.conftest import load_config
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: " + "word " * (3 + i % 7) for i in range(60)))
+    config = load_config("train", "tiny")
+    config.data.text_files = str(text)
+    assert type(training_batches(config, make_tokenizer("byte"), 32, 4)).__name__ == "WindowBatches"
+    config.data.documents = "paragraphs"
+    byte = make_tokenizer("byte")
+    batch = training_batches(config, byte, 32, 4).next()
+    assert batch["tokens"].shape == (4, 33) and (batch["tokens"] == byte.eos_id).any()
+    assert batch["segment_ids"].max() > 1
+    tokenizer = make_tokenizer("smollm2-135m")
+    assert tokenizer.vocab_size == 49152 and tokenizer.eos_id is not None
+    batch = training_batches(config, tokenizer, 16, 2).next()
+    assert (batch["tokens"] == tokenizer.eos_id).any() and batch["tokens"].max() < tokenizer.vocab_size
+
+
+@pytest.mark.slow
+def test_train_cli_on_packed_paragraphs(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    proc = run_cli(["experiments.train", "--config=configs/train.py:tiny", f"--workdir={tmp_path / 'run'}",
+                    "--config.data.documents=paragraphs", "--config.train.steps=3", "--config.train.progress=False"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == 3 and np.isfinite(results["final_loss"])
