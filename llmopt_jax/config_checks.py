@@ -111,6 +111,37 @@ def check_train_settings(config: Mapping) -> None:
         if lookup(config, key) < 0:
             raise ConfigError(f"{key}={lookup(config, key)} must be >= 0")
     check_pipeline_settings(config)
+    check_finetune_settings(config)
+
+
+def check_finetune_settings(config: Mapping) -> None:
+    """``data.documents``, and the LoRA settings (``lora`` section with ``rank`` > 0): rank, dropout, targets, a
+    pretrained ``init_from``, the QLoRA base grid and an existing ``eval.text_file`` (before the model loads)."""
+    import os
+
+    documents = config["data"].get("documents", "")
+    if documents not in ("", "files", "paragraphs"):
+        raise ConfigError(f"data.documents={documents!r}; choose 'files', 'paragraphs' or '' (one token stream)")
+    lora = config.get("lora", None)
+    if lora is None or int(lora.get("rank", 0)) <= 0:
+        return
+    if not 0.0 <= float(lora.get("dropout", 0.0)) < 1.0:
+        raise ConfigError(f"lora.dropout={lora['dropout']} must be in [0, 1)")
+    if not parse_list(lora.get("targets", ""), "lora.targets", str, item="layer",
+                      choices=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+        raise ConfigError("lora.targets is empty: name some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    if not config.get("init_from", ""):
+        raise ConfigError("LoRA fine-tunes a pretrained model: set init_from (a model name or path)")
+    if int(lora.get("base_bits", 0)) not in (0, 2, 3, 4, 8):
+        raise ConfigError(f"lora.base_bits={lora['base_bits']}: 0 (float base) or 2, 3, 4, 8 (packed)")
+    group = int(lora.get("base_group_size", 64))
+    if group == 0 or group < -1:
+        raise ConfigError(f"lora.base_group_size={group} must be > 0 or -1 (per channel)")
+    check_positive(config, "eval.seq_len", "eval.batch_size")
+    text_file = config["eval"].get("text_file", "")
+    for path in [p for p in text_file.split(",") if p]:
+        if not os.path.isfile(path):
+            raise DataError(f"text file not found: {path} (eval.text_file)")
 
 
 def check_pipeline(num_layers: int, stages: int, microbatches: int, repeats: int = 1, *,

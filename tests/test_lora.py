@@ -250,3 +250,24 @@ def test_finetune_cli_smoke(tmp_path, preset):
     keys = load_file(str(workdir / "adapter" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.29.mlp.down_proj.lora_B.weight" in keys
     assert len(keys) == 30 * 7 * 2
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("lora.targets", "q_proj,qkv", "unknown layer 'qkv'"),
+    ("lora.targets", "", "lora.targets is empty"),
+    ("lora.dropout", 1.0, "lora.dropout=1.0"),
+    ("lora.base_bits", 5, "lora.base_bits=5"),
+    ("init_from", "", "set init_from"),
+    ("eval.text_file", "/no/such/heldout.txt", "text file not found: /no/such/heldout.txt"),
+    ("data.documents", "sentences", "data.documents='sentences'"),
+])
+def test_finetune_settings_checked_before_anything_slow(key, value, fragment):
+    from llmopt_jax.config_checks import check_train_settings
+    from llmopt_jax.errors import DataError
+
+    config = load_config("train", "qlora_smoke")
+    check_train_settings(config)
+    section, name = key.split(".") if "." in key else (None, key)
+    (config[section] if section else config)[name] = value
+    with pytest.raises((ConfigError, DataError), match=fragment.replace("(", r"\(")):
+        check_train_settings(config)
