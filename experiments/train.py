@@ -3,7 +3,10 @@
     python -m experiments.train --config=configs/train.py:smoke --workdir=/tmp/smoke
 
 Writes WORKDIR/config.json, metrics.jsonl, loss.png, checkpoints/ and results.json with initial_loss,
-final_loss, steps, tokens_per_s, mfu, num_params. Kill it at any point and rerun the same command to resume;
+final_loss, steps, tokens_per_s, mfu, num_params. With a ``lora`` section (presets lora, qlora and their _smoke
+variants) only LoRA adapters train on a frozen pretrained base (packed 4-bit for qlora); results.json then adds
+trainable_params, eval_perplexity_before, eval_perplexity_after and bytes_held, and the adapter is written in Hugging
+Face PEFT's layout to WORKDIR/adapter/. Kill it at any point and rerun the same command to resume;
 Ctrl-C or SIGTERM stops after the step in flight. A rerun may change only the settings in RESUMABLE_CHANGES
 (the change is appended to WORKDIR/config_history.jsonl); any other change is refused with the list of keys.
 """
@@ -16,6 +19,8 @@ from llmopt_jax import cli
 RESUMABLE_CHANGES = frozenset({
     "train.steps", "train.log_every", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
     "train.async_checkpoint", "train.peak_flops_per_s", "distributed", "aot",
+    # Fine-tuning's held-out evaluation runs outside training (the base's perplexity is cached per eval setting).
+    "eval.text_file", "eval.seq_len", "eval.batch_size", "eval.max_windows",
 })
 
 
