@@ -21,28 +21,37 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 def codec_rows(quantized: dict, names=MLP) -> dict:
     """Codec measurements of the ternary records of ``names`` in a ``report["quantized"]`` tree (stacked layers):
-    one dictionary fitted to them all, every matrix encoded, decoded and checked bit-exact."""
+    statistics of the codes, then each codec (the dictionary scheme with one table fitted to all of them and with
+    QMoE's fixed table; per-row rANS; both also with streams of several rows), every matrix decoded and checked
+    bit-exact."""
     from llmopt_jax.compress import codec
 
     records = {n: quantized["layers"][n]["kernel"] for n in names}
-    t0 = time.perf_counter()
-    dictionary = codec.build_dictionary([np.asarray(r.codes) for r in records.values()])
-    t_dict = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tensors = {n: codec.encode_matrix(r, dictionary=dictionary) for n, r in records.items()}
-    t_enc = time.perf_counter() - t0
+    codes = {n: np.asarray(r.codes) for n, r in records.items()}
+    out = {**codec.ternary_stats(list(codes.values())),
+           "per_matrix_stats": {n: codec.ternary_stats(c) for n, c in codes.items()}}
     decode = jax.jit(lambda t: t.symbols())
-    exact = all(np.array_equal(np.asarray(decode(tensors[n])), np.asarray(r.codes)) for n, r in records.items())
-    out = {
-        **codec.bits_per_param(tensors),
-        **codec.ternary_stats([np.asarray(r.codes) for r in records.values()]),
-        "decode_bit_exact": bool(exact), "seconds_dictionary": t_dict, "seconds_encode": t_enc,
-        "per_matrix": {n: {**codec.bits_per_param(t), **codec.ternary_stats(np.asarray(records[n].codes))}
-                       for n, t in tensors.items()},
+    t0 = time.perf_counter()
+    fitted = codec.build_dictionary(list(codes.values()))
+    t_dict = time.perf_counter() - t0
+    variants = {
+        "dictionary": dict(codec="dictionary", dictionary=fitted, block_rows=1),
+        "dictionary_qmoe_fixed_table": dict(codec="dictionary", dictionary=codec.qmoe_dictionary(), block_rows=1),
+        "dictionary_auto_blocks": dict(codec="dictionary", dictionary=fitted, block_rows=0),
+        "ans": dict(codec="ans", block_rows=1),
+        "ans_auto_blocks": dict(codec="ans", block_rows=0),
     }
-    # The same codes under QMoE's fixed dictionary (88.5 % zeros), for comparison.
-    fixed = {n: codec.encode_matrix(r, dictionary=codec.qmoe_dictionary()) for n, r in records.items()}
-    out["bits_per_param_qmoe_fixed_dictionary"] = codec.bits_per_param(fixed)["bits_per_param"]
+    for label, kw in variants.items():
+        t0 = time.perf_counter()
+        tensors = {n: codec.encode_matrix(r, **kw) for n, r in records.items()}
+        t_enc = time.perf_counter() - t0
+        exact = all(np.array_equal(np.asarray(decode(tensors[n])), codes[n]) for n in names)
+        out[label] = {**codec.bits_per_param(tensors), "decode_bit_exact": bool(exact), "seconds_encode": t_enc,
+                      "per_matrix_bits_per_param": {n: codec.bits_per_param(t)["bits_per_param"]
+                                                    for n, t in tensors.items()}}
+        if label == "dictionary":
+            out[label]["seconds_dictionary"] = t_dict
+        print(" ", label, round(out[label]["bits_per_param"], 4), "exact", exact, flush=True)
     return out
 
 
@@ -69,7 +78,7 @@ def main(argv=None) -> None:
     _, rep = compress_sequentially(model.cfg, pure, None, from_recipe([{"method": "rtn", "ternary": True}]),
                                    progress=False)
     results["rtn_ternary"] = {**codec_rows(rep["quantized"]), "seconds_compress": time.perf_counter() - t0}
-    print("rtn", {k: v for k, v in results["rtn_ternary"].items() if k != "per_matrix"}, flush=True)
+    print("rtn zero fraction", results["rtn_ternary"]["zero_fraction"], flush=True)
     if not args.skip_gptq:
         calib = lj.calibration_windows(model.tokenizer, sources="topics", num=args.calib_windows,
                                        length=args.calib_len)
@@ -79,10 +88,10 @@ def main(argv=None) -> None:
         results["gptq_ternary"] = {**codec_rows(rep["quantized"]), "seconds_compress": time.perf_counter() - t0,
                                    "calib_windows": args.calib_windows, "calib_len": args.calib_len,
                                    "damp_fraction": args.damp}
-        print("gptq", {k: v for k, v in results["gptq_ternary"].items() if k != "per_matrix"}, flush=True)
+        print("gptq zero fraction", results["gptq_ternary"]["zero_fraction"], flush=True)
     results["decode_timing"] = [
-        codec.benchmark_decode_matmul(rows, cols, tokens, zero_fraction=0.9, repeats=10)
-        for rows, cols in ((1536, 576), (576, 1536)) for tokens in (1, 64)
+        codec.benchmark_decode_matmul(rows, cols, tokens, zero_fraction=0.9, repeats=10, codec=which)
+        for which in codec.CODECS for rows, cols in ((1536, 576), (576, 1536)) for tokens in (1, 64)
     ]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

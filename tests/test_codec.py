@@ -122,7 +122,7 @@ def test_ans_codec_is_deterministic_and_bit_exact(block_rows):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert a.block_rows == (1 if block_rows == 1 else 12)  # auto: 12 rows x 40 < 1024 symbols: one stream
-    assert a.offsets.shape == (2, 12 // a.block_rows + 1) and a.freq.shape == (2, 12 // a.block_rows)
+    assert a.offsets.shape == (2, 12 // a.block_rows + 1) and a.freq.shape == (2, 12 // a.block_rows, 2)
     np.testing.assert_array_equal(codec.decode_ternary(a), codes)
     assert codec.bits_per_param(a)["bytes_dictionary"] == 0
     # The dictionary codec takes the same blocks.

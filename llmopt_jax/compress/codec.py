@@ -1,31 +1,42 @@
-"""QMoE's sub-1-bit codec for ternary weights: a dictionary of 16-bit codewords for variable-length runs.
+"""Sub-1-bit storage of ternary weights: QMoE's dictionary of 16-bit codewords, and a per-row rANS coder.
 
 QMoE (Frantar & Alistarh, 2023) stores ternary expert weights (codes ``-1, 0, 1``, ~90 % zeros) in under one bit
-each. Its format, which this module reproduces with our own code:
+each. Its format, which :class:`TernaryCodec` reproduces with our own code:
 
-- the ternary symbols of each output row are read in pairs (9 pair values), and a row is parsed greedily
-  (longest match) into entries of a dictionary of up to 2^16 runs of 1..14 pairs; each entry is one 16-bit
-  codeword (``uint16``). Parsing restarts at every row, so rows decode independently;
-- the dictionary is the set of the most probable pair sequences under a memoryless model of the pair
-  frequencies (best-first growth from the empty sequence: every prefix of an entry is an entry, all 9 single
-  pairs are entries, so any row parses). QMoE fixes the model at 88.5 % zeros; :func:`build_dictionary`
-  fits it to the data's pair frequencies (the variable-to-fixed code of Tunstall, 1967, in its "every node is a
-  codeword" form) or takes a zero fraction (:func:`qmoe_dictionary`);
+- the ternary symbols of each output row are read in parse units (QMoE: pairs, 9 values), and a row is parsed
+  greedily (longest match) into entries of a dictionary of up to 2^16 runs; each entry is one 16-bit codeword
+  (``uint16``). Parsing restarts at every row (or every ``block_rows`` rows), so rows decode independently;
+- the dictionary is the set of the most probable unit sequences under a memoryless model of the units
+  (best-first growth from the empty sequence: every prefix of an entry is an entry and every single unit is
+  one, so any row parses). QMoE fixes the model at 88.5 % zeros and entries at 14 pairs
+  (:func:`qmoe_dictionary`); :func:`build_dictionary` fits it to the data's unit frequencies (the
+  variable-to-fixed code of Tunstall, 1967, in its "every node is a codeword" form), with entries up to 21 pairs
+  by default (on SmolLM2's ternary MLP codes 0.725 bits per weight for the codewords vs 0.761 with 14 pairs;
+  single symbols or triples do no better);
 - per row: an int32 offset into the codeword stream (``offsets [rows + 1]``) and the two float16 levels
   ``(lo, hi)`` of the ternary grid (``compress/quantize.py``, ``QuantGrid(2, ternary=True)``).
 
-The decoder holds the dictionary as ``uint32 [num_codes, 2]``: the 28 two-bit symbols of an entry (0 = zero,
-1 = ``lo``, 2 = ``hi``), 14 per word from the low bits, and its length in pairs in the top 4 bits of word 0
-(QMoE's table packs 7 pairs and a length per word the same way). One dictionary serves a whole model, so
+The decoder holds the dictionary as ``uint32 [num_codes, W]``: the two-bit symbols of an entry (0 = zero,
+1 = ``lo``, 2 = ``hi``), 14 per word from the low bits, and its length in symbols in 4-bit nibbles on top of the
+words (QMoE's table packs 7 pairs and a length per word the same way). One dictionary serves a whole model, so
 :func:`bits_per_param` counts it once per distinct dictionary, next to the codes, offsets and levels: every byte
-the decoder needs.
+the decoder needs. At 2^16 entries it is 768 KiB, which QMoE's 1.6 T parameters make negligible and SmolLM2's
+80 M MLP weights do not (0.08 bits per weight); ``bits_per_param_without_dictionary`` reports the first regime.
 
-Encoding is host-side NumPy (deterministic: fixed tie-breaks, no hashing order); decoding is XLA
-(:meth:`TernaryCodec.symbols`): a gather of each codeword's length, a prefix sum for where its run starts, a
-scatter of one mark per run and a cumulative sum that tells every output position its codeword, then a gather of
-the symbol from the dictionary. :class:`TernaryCodec` is a pytree with ``is_packed``, so
-``compress/packed.py``'s ``packed_dot_general`` decodes it inside the jitted step and multiplies (decode, then
-matmul); QMoE's CUDA kernel instead fuses decoding into a matrix-vector product.
+A Tunstall dictionary reaches its best rate only when every row has the same statistics. Real ternary rows do
+not (a row's zero fraction follows its largest weight), and one table for all costs 24 % over the order-0
+entropy on SmolLM2 RTN-ternary codes and 43 % on GPTQ-ternary codes. :class:`TernaryANS` is the entropy coder
+the issue allows instead: per row (or block of rows) one byte picks ``P(±1)`` on a log grid, and rANS (Duda,
+2013; 32-bit state, 16-bit words, frequencies out of 2^16) codes the row at close to that model's entropy,
+plus its 32-bit final state. It needs no table, and its decoder is a ``lax.scan`` over the columns
+that runs every row's stream in lockstep (the per-row offsets say where each starts).
+
+Encoding is host-side NumPy (deterministic: fixed tie-breaks, no hashing order). Decoding is XLA: for the
+dictionary (:meth:`TernaryCodec.symbols`), a gather of each codeword's length, a prefix sum for where its run
+starts, a scatter of one mark per run and a cumulative sum that tells every output position its codeword, then
+a gather of the symbol from the dictionary; for rANS, the scan. Both types are pytrees with ``is_packed``, so
+``compress/packed.py``'s ``packed_dot_general`` decodes them inside the jitted step and multiplies (decode,
+then matmul); QMoE's CUDA kernel instead fuses decoding into a matrix-vector product.
 """
 
 from __future__ import annotations
@@ -429,18 +440,19 @@ def encode_matrix(qm, kernel_shape: tuple[int, ...] | None = None, n_in: int = 1
 
 ANS_BITS = 16  # frequencies sum to 2^16; state in [2^16, 2^32); 16-bit words in and out
 _ANS_L = 1 << ANS_BITS
-# Per-row frequency of each of -1 and +1 (out of 2^16) on a log grid of 256 steps of 2^(1/16): one byte per row.
+# Per-row frequencies of -1 and of +1 (out of 2^16) on a log grid of 256 steps of 2^(1/16): a byte each per row.
 ANS_FREQ = np.maximum(1, np.round(32767 * 2.0 ** (-(255 - np.arange(256)) / 16))).astype(np.int64)
 
 
 @struct.dataclass
 class TernaryANS:
     """A ternary matrix ``[rows, cols]`` (optionally stacked) coded row by row with rANS (Duda, 2013) under a
-    per-row model ``P(0) = 1 - 2f/2^16``, ``P(-1) = P(+1) = f/2^16`` (``f = ANS_FREQ[freq]``, one byte per row).
+    per-row model ``P(-1) = f₋/2^16``, ``P(+1) = f₊/2^16``, ``P(0)`` the rest (``f± = ANS_FREQ[freq[..., 0 or 1]]``,
+    two bytes per row: an asymmetric grid's rows can have many more of one sign).
 
     ``codes`` uint16 ``[..., n]`` (each row's stream: its final 32-bit state, then the words the encoder
     emitted, last first; rows one after the other), ``offsets`` int32 ``[..., rows + 1]``, ``freq`` uint8
-    ``[..., rows]``, ``levels`` float16 ``[..., rows, 2]`` (``lo``, ``hi``). Same interface as
+    ``[..., rows, 2]``, ``levels`` float16 ``[..., rows, 2]`` (``lo``, ``hi``). Same interface as
     :class:`TernaryCodec`."""
 
     codes: jax.Array
@@ -485,12 +497,15 @@ class TernaryANS:
 
 
 def _ans_row_freq(sym: np.ndarray) -> np.ndarray:
-    """Per row of symbols uint8 ``[R, cols]`` the index into :data:`ANS_FREQ` that codes it shortest."""
-    zeros = (sym == 0).sum(axis=1, dtype=np.int64)[:, None]
-    other = sym.shape[1] - zeros
-    f = ANS_FREQ[None, :].astype(np.float64)
-    bits = -zeros * np.log2((_ANS_L - 2 * f) / _ANS_L) - other * np.log2(f / _ANS_L)
-    return np.argmin(bits, axis=1).astype(np.uint8)  # first minimum: deterministic
+    """Per row of symbols uint8 ``[R, cols]`` (0, 1 = -1, 2 = +1) the indices uint8 ``[R, 2]`` into
+    :data:`ANS_FREQ` nearest (in log scale) to the row's frequencies of -1 and +1; an absent sign gets the
+    smallest."""
+    idx = []
+    for v in (1, 2):
+        n = (sym == v).sum(axis=1, dtype=np.int64)
+        f = np.maximum(n * (_ANS_L / sym.shape[1]), 0.5)
+        idx.append(np.clip(np.round(255 + 16 * np.log2(f / 32767)), 0, 255))
+    return np.stack(idx, axis=1).astype(np.uint8)
 
 
 def encode_ternary_ans(codes: Any, lo: Any, hi: Any, *, kernel_shape: tuple[int, ...] | None = None,
@@ -502,9 +517,9 @@ def encode_ternary_ans(codes: Any, lo: Any, hi: Any, *, kernel_shape: tuple[int,
     sym = _unit_values(streams.reshape(-1, cols), 1)
     r = sym.shape[0]
     freq = _ans_row_freq(sym)
-    f1 = ANS_FREQ[freq].astype(np.uint64)
-    f0 = np.uint64(_ANS_L) - 2 * f1
-    fs_of = np.stack([f0, f1, f1], 1)
+    f1, f2 = ANS_FREQ[freq[:, 0]].astype(np.uint64), ANS_FREQ[freq[:, 1]].astype(np.uint64)
+    f0 = np.uint64(_ANS_L) - f1 - f2
+    fs_of = np.stack([f0, f1, f2], 1)
     cs_of = np.stack([np.zeros_like(f0), f0, f0 + f1], 1)
     x = np.full(r, _ANS_L, np.uint64)
     emitted = np.zeros((r, cols), np.uint16)
@@ -538,7 +553,7 @@ def encode_ternary_ans(codes: Any, lo: Any, hi: Any, *, kernel_shape: tuple[int,
     levels = np.stack([lo, hi], axis=-1).astype(np.float16)
     return TernaryANS(jnp.asarray(stream.reshape(*lead, n)),
                       jnp.asarray(offsets.reshape(*lead, rows + 1).astype(np.int32)),
-                      jnp.asarray(freq.reshape(*lead, rows)), jnp.asarray(levels), rows_, cols_, kernel_shape,
+                      jnp.asarray(freq.reshape(*lead, rows, 2)), jnp.asarray(levels), rows_, cols_, kernel_shape,
                       int(n_in), b)
 
 
@@ -549,8 +564,9 @@ def _ans_decode(codes: jax.Array, offsets: jax.Array, freq: jax.Array, cols: int
     def one(codes, offsets, freq):
         words = codes.astype(jnp.uint32)
         last = codes.shape[0] - 1
-        f1 = jnp.asarray(ANS_FREQ, jnp.uint32)[freq.astype(jnp.int32)]
-        f0 = jnp.uint32(_ANS_L) - 2 * f1
+        table = jnp.asarray(ANS_FREQ, jnp.uint32)
+        f1, f2 = table[freq[:, 0].astype(jnp.int32)], table[freq[:, 1].astype(jnp.int32)]
+        f0 = jnp.uint32(_ANS_L) - f1 - f2
         start = offsets[:-1]
         x = (words[start] << 16) | words[jnp.minimum(start + 1, last)]
 
@@ -558,7 +574,7 @@ def _ans_decode(codes: jax.Array, offsets: jax.Array, freq: jax.Array, cols: int
             x, ptr = carry
             slot = x & jnp.uint32(0xFFFF)
             s = (slot >= f0).astype(jnp.int32) + (slot >= f0 + f1).astype(jnp.int32)
-            fs = jnp.where(s == 0, f0, f1)
+            fs = jnp.where(s == 0, f0, jnp.where(s == 1, f1, f2))
             cs = jnp.where(s == 0, 0, jnp.where(s == 1, f0, f0 + f1)).astype(jnp.uint32)
             x = fs * (x >> 16) + (slot - cs)
             need = x < jnp.uint32(_ANS_L)
@@ -632,17 +648,20 @@ def records_dictionary(quantized: Any, **kwargs) -> TernaryDictionary | None:
 
 def benchmark_decode_matmul(
     rows: int = 3072, cols: int = 768, tokens: int = 1, zero_fraction: float = 0.9, repeats: int = 20,
-    dtype=jnp.bfloat16, seed: int = 0,
-) -> dict[str, float]:
+    dtype=jnp.bfloat16, seed: int = 0, codec: str = "dictionary",
+) -> dict[str, Any]:
     """Median seconds of a jitted ``x [tokens, cols] @ W.T`` three ways on the default backend: the dense
     ``dtype`` matmul, decode-only (codes -> ``dtype`` weights) and decode-then-matmul, for random ternary
-    ``W [rows, cols]`` with ``zero_fraction`` zeros. Also the codec's bits per parameter (dictionary excluded:
-    it is shared by a whole model)."""
+    ``W [rows, cols]`` with ``zero_fraction`` zeros coded by ``codec`` (``"dictionary"`` or ``"ans"``, per row).
+    Also the codec's bits per parameter without the dictionary (shared by a whole model)."""
+    if codec not in CODECS:
+        raise ConfigError(f"ternary codec must be one of {CODECS}, got {codec!r}")
     rng = np.random.default_rng(seed)
     codes = rng.choice(np.array([0, -1, 1], np.int8), size=(rows, cols),
                        p=[zero_fraction, (1 - zero_fraction) / 2, (1 - zero_fraction) / 2])
     lo, hi = -rng.uniform(0.01, 0.1, rows), rng.uniform(0.01, 0.1, rows)
-    tc = encode_ternary(codes, lo, hi, build_dictionary([codes]))
+    tc = (encode_ternary(codes, lo, hi, build_dictionary([codes])) if codec == "dictionary"
+          else encode_ternary_ans(codes, lo, hi))
     dense = jnp.asarray(np.asarray(tc.matrix(jnp.float32)), dtype)
     x = jnp.asarray(rng.standard_normal((tokens, cols)), dtype)
 
@@ -659,10 +678,9 @@ def benchmark_decode_matmul(
     t_dense = timed(jax.jit(mm), x, dense)
     t_decode = timed(jax.jit(lambda t: t.matrix(dtype)), tc)
     t_both = timed(jax.jit(lambda x, t: mm(x, t.matrix(dtype))), x, tc)
-    stats = bits_per_param(tc)
     return {
-        "backend": jax.default_backend(), "rows": rows, "cols": cols, "tokens": tokens, "dtype": jnp.dtype(dtype).name,
-        "zero_fraction": zero_fraction, "seconds_dense_matmul": t_dense, "seconds_decode": t_decode,
-        "seconds_decode_matmul": t_both, "slowdown": t_both / t_dense,
-        "bits_per_param_without_dictionary": 8.0 * (stats["bytes_total"] - stats["bytes_dictionary"]) / (rows * cols),
+        "codec": codec, "backend": jax.default_backend(), "rows": rows, "cols": cols, "tokens": tokens,
+        "dtype": jnp.dtype(dtype).name, "zero_fraction": zero_fraction, "seconds_dense_matmul": t_dense,
+        "seconds_decode": t_decode, "seconds_decode_matmul": t_both, "slowdown": t_both / t_dense,
+        "bits_per_param_without_dictionary": bits_per_param(tc)["bits_per_param_without_dictionary"],
     }
