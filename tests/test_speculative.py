@@ -125,7 +125,7 @@ def test_sampling_preserves_target_distribution(target, tiny_cfg):
     one_round = jax.jit(lambda state, key: speculative_round(*target, *draft, state, key, sampling, k)[:3])
     key = jax.random.key(0)
     state = prefill(key)
-    state = SpecState(state.target_cache, state.draft_cache, state.prev, jnp.full((n_rows,), last, jnp.int32))
+    state = SpecState(state.target_cache, state.draft_cache, jnp.full((n_rows,), last, jnp.int32))
     state, t1, n1 = one_round(state, jax.random.fold_in(key, 1))
     _, t2, _ = one_round(state, jax.random.fold_in(key, 2))
     t1, n1, t2 = np.asarray(t1), np.asarray(n1), np.asarray(t2)

@@ -14,8 +14,8 @@ The pieces, smallest first:
 
 - :func:`verify_drafts` -- the acceptance rule alone, on the two models' logits: for a caller that runs the
   models itself (a serving engine over a paged cache).
-- :func:`speculative_round` -- one propose/verify round over :class:`SpecState` (both contiguous KV caches, the last
-  two tokens). Pure and jittable: the hook for a caller that owns its own batching and stop logic.
+- :func:`speculative_round` -- one propose/verify round over :class:`SpecState` (both contiguous KV caches, the
+  newest token). Pure and jittable: the hook for a caller that owns its own batching and stop logic.
 - :func:`speculative_prefill` -- runs the prompts through both models and returns the first token and the state.
 - :class:`SpeculativeGenerator` -- ``generate()`` like :class:`~llmopt_jax.infer.generate.Generator` (same
   arguments, a :class:`~llmopt_jax.infer.generate.Generation` result with acceptance statistics); all rounds run in
@@ -24,9 +24,8 @@ The pieces, smallest first:
 Cache bookkeeping. Sequence ``b`` has committed tokens ``x_0 .. x_n`` (``n = target_cache.lengths[b]``); the
 target cache holds ``x_0 .. x_{n-1}`` and ``last = x_n`` is fed at the start of the next verify pass. Rejected
 tokens are rolled back by lowering ``lengths`` only: a slot beyond a sequence's length is masked by causality and
-overwritten later. The draft cache may lag by one token (after a round where every draft was accepted, the draft
-never saw the last one), so each draft step feeds two tokens, ``[prev, last]`` at ``n - 1`` and ``n`` first:
-rewriting ``prev`` is harmless and the draft cache needs no separate length.
+overwritten later. The draft runs ``k + 1`` one-token steps (``last, d_1 .. d_k``), the last only to write ``d_k``
+into its cache, so after any number of accepted drafts it too holds every committed token: one length serves both.
 """
 
 from __future__ import annotations
@@ -49,14 +48,13 @@ from llmopt_jax.models.kv_cache import KVCache
 class SpecState:
     """What one speculative round reads and writes, per sequence of the batch.
 
-    ``target_cache`` / ``draft_cache``: the two models' KV caches; ``target_cache.lengths`` int32 ``[B]`` is ``n``,
-    the number of committed tokens before ``last`` (the draft cache's own ``lengths`` are ignored). ``prev`` /
-    ``last`` int32 ``[B]``: tokens ``x_{n-1}`` and ``x_n``; ``last`` is the newest token, not yet in either cache.
+    ``target_cache`` / ``draft_cache``: the two models' KV caches, both holding the ``n`` committed tokens before
+    ``last`` (``target_cache.lengths`` int32 ``[B]`` is ``n``; the draft cache's own ``lengths`` are ignored).
+    ``last`` int32 ``[B]``: the newest token ``x_n``, not yet in either cache.
     """
 
     target_cache: KVCache
     draft_cache: KVCache
-    prev: jax.Array
     last: jax.Array
 
 
@@ -145,7 +143,7 @@ def speculative_round(
     num_draft: int,
     active: jax.Array | None = None,
 ) -> tuple[SpecState, jax.Array, jax.Array, jax.Array]:
-    """One propose/verify round: ``num_draft`` (``k``) draft passes of 2 tokens, one target pass over ``k + 1`` tokens.
+    """One propose/verify round: ``num_draft + 1`` one-token draft passes, one target pass over ``num_draft + 1``.
 
     Returns ``(state, tokens, num_new, num_accepted)``: ``tokens`` int32 ``[B, k + 1]`` whose first ``num_new``
     int32 ``[B]`` (``1 .. k + 1``) entries are the newly committed tokens (accepted drafts, then the target's
@@ -162,22 +160,21 @@ def speculative_round(
     n = state.target_cache.lengths
     if active is None:
         active = jnp.ones_like(n, dtype=bool)
-    draft_keys = jax.random.split(jax.random.fold_in(key, 0), k)
+    draft_keys = jax.random.split(jax.random.fold_in(key, 0), k + 1)
 
-    # Propose: every draft step feeds two tokens, the previous one again (harmless: the same key/value at the same
-    # slot) and the newest. The first step needs that (the draft cache may lack prev); making every step alike
-    # puts one copy of the draft in the compiled program instead of two.
+    # Propose: one token per draft step (on XLA:CPU a two-token pass costs twice a one-token one: 180 vs 91 ms for
+    # SmolLM2). k + 1 steps: the last feeds d_k, whose proposal is unused, so that the draft cache holds every token
+    # before the next round's `last` whatever is accepted; one step shape keeps one draft copy in the program.
     def propose(carry, step_key):
-        prev, tok, cache = carry
-        start = cache.lengths
-        logits, cache = draft(jnp.stack([prev, tok], axis=1), cache=cache)
+        tok, cache = carry
+        logits, cache = draft(tok[:, None], cache=cache)
         q = _processed(logits[:, -1], sampling)
         nxt = _pick(q, step_key, sampling)
-        return (tok, nxt, dataclasses.replace(cache, lengths=start + 1)), (nxt, q)
+        return (nxt, cache), (nxt, q)
 
-    dcache = dataclasses.replace(state.draft_cache, lengths=n - 1)
-    (_, _, dcache), (drafts, q_logits) = jax.lax.scan(propose, (state.prev, state.last, dcache), draft_keys)
-    drafts, q_logits = drafts.T, jnp.swapaxes(q_logits, 0, 1)  # [B, k], [B, k, V]
+    dcache = dataclasses.replace(state.draft_cache, lengths=n)
+    (_, dcache), (proposed, q_logits) = jax.lax.scan(propose, (state.last, dcache), draft_keys)
+    drafts, q_logits = proposed[:k].T, jnp.swapaxes(q_logits[:k], 0, 1)  # [B, k], [B, k, V]
 
     # Verify: the target scores last and all k drafts in one pass; p[:, i] is its distribution for drafts[:, i].
     seq = jnp.concatenate([state.last[:, None], drafts], axis=1)  # [B, k + 1] = x_n, d_1 .. d_k
@@ -187,12 +184,10 @@ def speculative_round(
     positions = jnp.arange(k + 1)[None, :]
     tokens = jnp.where(positions == num_acc[:, None], new_tok[:, None],
                        jnp.concatenate([drafts, drafts[:, -1:]], axis=1))
-    new_prev = jnp.take_along_axis(seq, num_acc[:, None], axis=1)[:, 0]
     lengths = jnp.where(active, n + num_acc + 1, n)
     new_state = SpecState(
         target_cache=dataclasses.replace(tcache, lengths=lengths),
         draft_cache=dataclasses.replace(dcache, lengths=lengths),
-        prev=jnp.where(active, new_prev, state.prev),
         last=jnp.where(active, new_tok, state.last),
     )
     num_new = jnp.where(active, num_acc + 1, 0).astype(jnp.int32)
@@ -217,7 +212,6 @@ def speculative_prefill(
     state = SpecState(
         target_cache=dataclasses.replace(tcache, lengths=lengths),
         draft_cache=dataclasses.replace(dcache, lengths=lengths),
-        prev=jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0],
         last=first,
     )
     return first, state
