@@ -143,7 +143,7 @@ def speculative_round(
     num_draft: int,
     active: jax.Array | None = None,
 ) -> tuple[SpecState, jax.Array, jax.Array, jax.Array]:
-    """One propose/verify round: ``num_draft + 1`` one-token draft passes, one target pass over ``num_draft + 1``.
+    """One propose/verify round (``k = num_draft``): ``k + 1`` one-token draft passes, one target pass of ``k + 1``.
 
     Returns ``(state, tokens, num_new, num_accepted)``: ``tokens`` int32 ``[B, k + 1]`` whose first ``num_new``
     int32 ``[B]`` (``1 .. k + 1``) entries are the newly committed tokens (accepted drafts, then the target's
