@@ -37,6 +37,13 @@ starts, a scatter of one mark per run and a cumulative sum that tells every outp
 a gather of the symbol from the dictionary; for rANS, the scan. Both types are pytrees with ``is_packed``, so
 ``compress/packed.py``'s ``packed_dot_general`` decodes them inside the jitted step and multiplies (decode,
 then matmul); QMoE's CUDA kernel instead fuses decoding into a matrix-vector product.
+
+Measured on SmolLM2-135M's 90 MLP matrices (``benchmarks/codec_rate.py``, ``docs/results/codec_rate_smollm2_cpu.json``),
+bits per weight from the bytes held, everything counted: RTN ternary (89.5 % zeros, entropy 0.589) 0.898 with
+the dictionary (0.819 without its table), 0.757 with per-row rANS, 0.721 with rANS over blocks of rows
+(``block_rows=0``); GPTQ ternary with dampening 0.1 (87.0 % zeros, entropy 0.687: GPTQ makes SmolLM2's ternary
+codes denser, not sparser) 1.153 / 1.074 / 0.959 / 0.922. On synthetic codes with 90 % zeros the dictionary's
+codewords take 0.66 bits and rANS 0.61 (tests/test_codec.py).
 """
 
 from __future__ import annotations
