@@ -1,6 +1,6 @@
-"""QMoE's ternary grid (RTN and GPTQ) and the sub-1-bit dictionary codec: the qmoe repository's rounding rule,
-a prefix-closed deterministic dictionary, bit-exact decoding, the rate at QMoE-like zero fractions, and a model
-running from the compressed bytes equal to the dequantized model."""
+"""QMoE's ternary grid (RTN and GPTQ) and the sub-1-bit codecs (QMoE's dictionary, per-row rANS): the qmoe
+repository's rounding rule, a prefix-closed deterministic dictionary, bit-exact decoding, the rate at QMoE-like
+zero fractions, and a model running from the compressed bytes equal to the dequantized model."""
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +103,8 @@ def test_encoding_is_deterministic_and_decoding_bit_exact(shape, unit):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert a.codes.dtype == jnp.uint16 and a.offsets.dtype == jnp.int32 and a.levels.dtype == jnp.float16
     np.testing.assert_array_equal(codec.decode_ternary(a), codes)
-    want = np.where(codes > 0, hi.astype(np.float16)[..., None], np.where(codes < 0, lo.astype(np.float16)[..., None], 0))
+    lo16, hi16 = lo.astype(np.float16)[..., None], hi.astype(np.float16)[..., None]
+    want = np.where(codes > 0, hi16, np.where(codes < 0, lo16, 0))
     np.testing.assert_array_equal(np.asarray(a.matrix()), want.astype(np.float32))
     # Row r's codewords decode to exactly row r (the offsets address rows independently).
     flat, offs = np.asarray(a.codes).reshape(-1, a.codes.shape[-1]), np.asarray(a.offsets).reshape(-1, shape[-2] + 1)
@@ -207,7 +208,8 @@ def test_model_from_compressed_bytes_equals_the_dequantized_model(which):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     held, weights = block_linear_sizes(packed)  # codes, offsets, levels, and the one dictionary once
     rate = codec.bits_per_param(packed)
-    assert held == rate["bytes_total"] and weights == rate["num_params"] == 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64)
+    assert held == rate["bytes_total"]
+    assert weights == rate["num_params"] == 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64)  # q, o; k, v; mlp
     # The decoding matmul on its own (o_proj's kernel has two input dims) is the dense matmul exactly.
     one = jax.tree.map(lambda a: a[0], packed["layers"]["o_proj"]["kernel"])
     x = jnp.asarray(np.random.default_rng(1).standard_normal((3,) + one.shape[:2]), jnp.float32)

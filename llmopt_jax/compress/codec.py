@@ -306,16 +306,19 @@ class TernaryCodec:
         """Weights stood for (all matrices of a stack)."""
         return int(np.prod(self.codes.shape[:-1], dtype=np.int64)) * self.rows * self.cols
 
+    def _sym(self) -> jax.Array:
+        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows // self.block_rows,
+                      self.cols * self.block_rows, self.dictionary.unit)
+        return sym.reshape(self.codes.shape[:-1] + (self.rows, self.cols))
+
     def symbols(self) -> jax.Array:
         """Decoded ternary codes int8 ``[..., rows, cols]`` in ``{-1, 0, 1}`` (jittable)."""
-        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows // self.block_rows,
-                      self.cols * self.block_rows, self.dictionary.unit).reshape(self.codes.shape[:-1] + (self.rows, self.cols))
+        sym = self._sym()
         return jnp.where(sym == 2, 1, -(sym == 1).astype(jnp.int32)).astype(jnp.int8)  # 0, 1, 2 -> 0, -1, 1
 
     def matrix(self, dtype=jnp.float32) -> jax.Array:
         """The ternary weights ``[..., rows, cols]`` in ``dtype`` (levels per row)."""
-        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows // self.block_rows,
-                      self.cols * self.block_rows, self.dictionary.unit).reshape(self.codes.shape[:-1] + (self.rows, self.cols))
+        sym = self._sym()
         lv = self.levels.astype(jnp.float32)
         w = jnp.where(sym == 2, lv[..., 1:2], jnp.where(sym == 1, lv[..., 0:1], 0.0))
         return w.astype(dtype)
@@ -454,8 +457,9 @@ ANS_FREQ = np.maximum(1, np.round(32767 * 2.0 ** (-(255 - np.arange(256)) / 16))
 @struct.dataclass
 class TernaryANS:
     """A ternary matrix ``[rows, cols]`` (optionally stacked) coded row by row with rANS (Duda, 2013) under a
-    per-row model ``P(-1) = f₋/2^16``, ``P(+1) = f₊/2^16``, ``P(0)`` the rest (``f± = ANS_FREQ[freq[..., 0 or 1]]``,
-    two bytes per row: an asymmetric grid's rows can have many more of one sign).
+    per-row model ``P(-1) = f₋/2^16``, ``P(+1) = f₊/2^16``, ``P(0)`` the rest
+    (``f± = ANS_FREQ[freq[..., 0 or 1]]``, two bytes per row: an asymmetric grid's rows can have many more of one
+    sign).
 
     ``codes`` uint16 ``[..., n]`` (each row's stream: its final 32-bit state, then the words the encoder
     emitted, last first; rows one after the other), ``offsets`` int32 ``[..., rows + 1]``, ``freq`` uint8
