@@ -41,9 +41,15 @@ _EXPORTS = {
     "calibration_windows": "llmopt_jax.data.text", "load_texts": "llmopt_jax.data.text",
     "stdlib_docstrings_text": "llmopt_jax.data.text", "python_license_text": "llmopt_jax.data.text",
     "default_text": "llmopt_jax.data.text",
-    # training and parallelism
+    # serving
+    "Engine": "llmopt_jax.serve.engine", "EngineConfig": "llmopt_jax.serve.engine",
+    "SamplingParams": "llmopt_jax.serve.scheduler",
+    # training, fine-tuning and parallelism
     "train": "llmopt_jax.train.loop", "load_config": "llmopt_jax.config_loader",
     "create_mesh": "llmopt_jax.parallel.mesh",
+    "LoraConfig": "llmopt_jax.peft.lora", "init_adapters": "llmopt_jax.peft.lora",
+    "apply_adapters": "llmopt_jax.peft.lora", "merge_adapters": "llmopt_jax.peft.lora",
+    "save_peft_adapter": "llmopt_jax.peft.lora", "load_peft_adapter": "llmopt_jax.peft.lora",
     # errors
     "LlmoptError": "llmopt_jax.errors", "ConfigError": "llmopt_jax.errors", "DataError": "llmopt_jax.errors",
 }
