@@ -24,6 +24,14 @@ from llmopt_jax.models.kv_cache import KVCache
 MIN_BUCKET = 16
 
 
+def count_by_kind(compiled: dict[tuple, Callable]) -> dict[str, int]:
+    """Executables per kind (``prefill``, ``decode``, ...) in a cache keyed ``(kind, *shapes)``."""
+    counts: dict[str, int] = {}
+    for kind, *_ in compiled:
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How the next token is drawn: ``greedy`` (argmax) or from ``softmax(logits / temperature)`` restricted
@@ -156,10 +164,7 @@ class Generator:
     @property
     def num_compiled(self) -> dict[str, int]:
         """How many executables exist per kind (one decode per batch/cache shape means no recompilation)."""
-        counts: dict[str, int] = {}
-        for kind, *_ in self._compiled:
-            counts[kind] = counts.get(kind, 0) + 1
-        return counts
+        return count_by_kind(self._compiled)
 
     def generate(
         self,

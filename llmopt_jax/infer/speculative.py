@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx, struct
 
 from llmopt_jax.errors import ConfigError
-from llmopt_jax.infer.generate import Generation, SamplingConfig, bucket_length, filter_logits
+from llmopt_jax.infer.generate import Generation, SamplingConfig, bucket_length, count_by_kind, filter_logits
 from llmopt_jax.models.kv_cache import KVCache
 
 
@@ -340,10 +340,7 @@ class SpeculativeGenerator:
     @property
     def num_compiled(self) -> dict[str, int]:
         """Executables per kind (``prefill``, ``decode``): one each per shape means no recompilation."""
-        counts: dict[str, int] = {}
-        for kind, *_ in self._compiled:
-            counts[kind] = counts.get(kind, 0) + 1
-        return counts
+        return count_by_kind(self._compiled)
 
     def generate(
         self,
