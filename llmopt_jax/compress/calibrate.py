@@ -74,6 +74,27 @@ def bfloat16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_
                                preferred_element_type=jnp.float32)
 
 
+def capturing_block_forward(graphdef, abstract, block_params: dict, x: jax.Array,
+                            linears: Callable[[nnx.Module], dict[str, nnx.Module]]) -> tuple[jax.Array, dict]:
+    """Runs one block (``graphdef`` + ``abstract`` state filled with ``block_params``) on ``x`` ``[B, L, D]`` at
+    positions 0..L-1; returns its output ``[B, L, D]`` and the input of each linear ``linears(block)`` names."""
+    state = jax.tree.map(lambda a: a, abstract)
+    nnx.replace_by_pure_dict(state, block_params)
+    block = nnx.merge(graphdef, state)
+    captured: dict[str, jax.Array] = {}
+    for name, linear in linears(block).items():
+        base = linear.dot_general
+
+        def record(lhs, rhs, dims, precision=None, preferred_element_type=None, _name=name, _base=base):
+            captured[_name] = lhs
+            return _base(lhs, rhs, dims, precision=precision, preferred_element_type=preferred_element_type)
+
+        linear.dot_general = record
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    y, _ = block(x, positions)
+    return y, captured
+
+
 class _BlockRunner:
     """Jitted passes of one decoder block, its parameters given as a pure dict (compiled once for all blocks).
 
@@ -98,22 +119,8 @@ class _BlockRunner:
 
     def _capturing_forward(self, block_params: dict, x: jax.Array) -> tuple[jax.Array, dict]:
         """Block output ``[B, L, D]`` and the input of each linear layer, keyed by name."""
-        state = jax.tree.map(lambda a: a, self.abstract)
-        nnx.replace_by_pure_dict(state, block_params)
-        block = nnx.merge(self.graphdef, state)
-        captured: dict[str, jax.Array] = {}
-        for name in LINEAR_NAMES:
-            linear = getattr(block, name)
-            base = linear.dot_general
-
-            def record(lhs, rhs, dims, precision=None, preferred_element_type=None, _name=name, _base=base):
-                captured[_name] = lhs
-                return _base(lhs, rhs, dims, precision=precision, preferred_element_type=preferred_element_type)
-
-            linear.dot_general = record
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        y, _ = block(x, positions)
-        return y, captured
+        return capturing_block_forward(self.graphdef, self.abstract, block_params, x,
+                                       lambda block: {name: getattr(block, name) for name in LINEAR_NAMES})
 
     def _statistics(self, block_params: dict, xs: jax.Array, real: jax.Array,
                     stats: dict[str, InputStats]) -> dict[str, InputStats]:

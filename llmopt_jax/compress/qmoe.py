@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from llmopt_jax.compress.calibrate import capturing_block_forward
 from llmopt_jax.compress.quantize import QuantGrid, QuantizedMatrix, _gptq, _rtn
 from llmopt_jax.errors import ConfigError
 from llmopt_jax.models.config import ModelConfig
@@ -79,22 +80,9 @@ class _MoeBlockRunner:
         self.forward = jax.jit(self._forward)
 
     def _run(self, block_params: dict, x: jax.Array) -> tuple[jax.Array, dict]:
-        state = jax.tree.map(lambda a: a, self.abstract)
-        nnx.replace_by_pure_dict(state, block_params)
-        block = nnx.merge(self.graphdef, state)
-        captured: dict = {}
-        for name in ("gate_proj", "down_proj"):  # up_proj reads gate_proj's input
-            linear = getattr(block.moe, name)
-            base = linear.dot_general
-
-            def record(lhs, rhs, dims, precision=None, preferred_element_type=None, _name=name, _base=base):
-                captured[_name] = lhs
-                return _base(lhs, rhs, dims, precision=precision, preferred_element_type=preferred_element_type)
-
-            linear.dot_general = record
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        y, _ = block(x, positions)
-        return y, captured
+        # up_proj reads gate_proj's input
+        return capturing_block_forward(self.graphdef, self.abstract, block_params, x,
+                                       lambda block: {name: getattr(block.moe, name) for name in ("gate_proj", "down_proj")})
 
     def _statistics(self, block_params: dict, xs: jax.Array, real: jax.Array, stats: dict, cap: float) -> dict:
         def one(stats, batch):
