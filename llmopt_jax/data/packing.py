@@ -98,20 +98,11 @@ class PackedBatches(WindowBatches):
                 f"documents give {len(self.windows)} windows of {seq_len + 1} tokens, fewer than one batch of "
                 f"{batch_size}"
             )
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.index = 0
-        self._order = self._epoch_order(0)
+        self._start(batch_size, seed)
 
     def next(self) -> dict:
         """The next batch ``{"tokens", "segment_ids"}`` ``[batch, seq_len + 1]``; wraps to a new shuffled epoch."""
-        if self.index >= self.batches_per_epoch:
-            self.epoch += 1
-            self.index = 0
-            self._order = self._epoch_order(self.epoch)
-        rows = self._order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
-        self.index += 1
+        rows = self._next_rows()
         return {"tokens": self.windows[rows], "segment_ids": self.segments[rows]}
 
 

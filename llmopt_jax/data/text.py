@@ -230,6 +230,10 @@ class WindowBatches:
             raise DataError(
                 f"text gives {len(self.windows)} windows of {seq_len + 1} tokens, fewer than one batch of {batch_size}"
             )
+        self._start(batch_size, seed)
+
+    def _start(self, batch_size: int, seed: int) -> None:
+        """Epoch 0, nothing taken yet, over ``self.windows``."""
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
@@ -258,12 +262,16 @@ class WindowBatches:
         self.epoch, self.index = int(position["epoch"]), int(position["index"])
         self._order = self._epoch_order(self.epoch)
 
-    def next(self) -> np.ndarray:
-        """The next batch ``[batch, seq_len + 1]`` int32; wraps to a freshly shuffled epoch."""
+    def _next_rows(self) -> np.ndarray:
+        """Indices of the next batch's windows; wraps to a freshly shuffled epoch."""
         if self.index >= self.batches_per_epoch:
             self.epoch += 1
             self.index = 0
             self._order = self._epoch_order(self.epoch)
         rows = self._order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         self.index += 1
-        return self.windows[rows]
+        return rows
+
+    def next(self) -> np.ndarray:
+        """The next batch ``[batch, seq_len + 1]`` int32; wraps to a freshly shuffled epoch."""
+        return self.windows[self._next_rows()]
