@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -163,6 +164,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, timeout: float, check: Callable[[], None] = lambda: None,
+                       interval: float = 0.25) -> bool:
+    """Polls ``url/health`` until it answers 200 (True) or ``timeout`` seconds pass (False); ``check`` runs before
+    each poll and may raise (e.g. when the server process has exited)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        check()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
 class ServerProcess:
     """A server subprocess on 127.0.0.1: started, waited for (``/health`` within ``startup_timeout``), stopped with
     SIGTERM (then SIGKILL after ``stop_timeout``) on exit, also when the benchmark fails."""
@@ -177,24 +197,18 @@ class ServerProcess:
         self.returncode: int | None = None
 
     def __enter__(self) -> "ServerProcess":
-        import httpx
-
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd,
                                      env=self.env, start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
+
+        def alive() -> None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} during startup; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"server not healthy after {self.startup_timeout:.0f} s; see {self.log_path}")
-            time.sleep(0.25)
+
+        if not wait_until_healthy(self.url, self.startup_timeout, alive):
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"server not healthy after {self.startup_timeout:.0f} s; see {self.log_path}")
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:

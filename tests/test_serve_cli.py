@@ -14,17 +14,10 @@ import time
 import httpx
 import pytest
 
+from benchmarks.serve_load import free_port, wait_until_healthy
 from conftest import ROOT, run_cli
 
 STARTUP = 240.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -37,16 +30,10 @@ def test_serve_answers_then_drains_on_sigterm_and_exits_0(tmp_path):
          "--config.engine.max_decode_steps=2", f"--workdir={tmp_path}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + STARTUP
-        while True:
+        def alive():
             assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.25)
+
+        assert wait_until_healthy(url, STARTUP, alive), "server did not start"
         assert json.load(open(tmp_path / "server.json"))["url"] == url
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": "smoke", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0})

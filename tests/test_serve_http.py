@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from benchmarks.serve_load import wait_until_healthy
 from llmopt_jax.serve.engine import Engine, EngineConfig
 from llmopt_jax.serve.http import AsyncEngine, create_app, make_server
 from llmopt_jax.serve.smoke import smoke_model
@@ -37,15 +38,7 @@ def server():
     thread = threading.Thread(target=srv.run, kwargs=dict(sockets=[sock]), daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.1)
+        assert wait_until_healthy(url, TIMEOUT, interval=0.1), "the server did not come up"
         yield url, app, async_engine, srv
     finally:
         srv.should_exit = True
