@@ -275,25 +275,9 @@ def _parse_rows(units: np.ndarray, child: np.ndarray) -> tuple[np.ndarray, np.nd
     return out, count
 
 
-@struct.dataclass
-class TernaryCodec:
-    """A ternary matrix ``[rows = outputs, cols = inputs]`` (optionally stacked: leading axes on every array)
-    compressed by the dictionary code, standing for a float kernel of ``shape`` (one matrix; its first ``n_in``
-    dims are inputs, like :class:`~llmopt_jax.compress.packed.PackedTensor`).
-
-    ``codes`` uint16 ``[..., n]`` (each matrix's codewords row after row, zero-padded to the longest matrix of a
-    stack), ``offsets`` int32 ``[..., rows + 1]`` (row ``r``'s codewords are ``codes[offsets[r]:offsets[r+1]]``),
-    ``levels`` float16 ``[..., rows, 2]`` (``lo``, ``hi``)."""
-
-    codes: jax.Array
-    offsets: jax.Array
-    levels: jax.Array
-    dictionary: TernaryDictionary = struct.field(pytree_node=False)
-    rows: int = struct.field(pytree_node=False)
-    cols: int = struct.field(pytree_node=False)
-    shape: tuple[int, ...] = struct.field(pytree_node=False)
-    n_in: int = struct.field(pytree_node=False)
-    block_rows: int = struct.field(pytree_node=False, default=1)  # rows per stream (offsets per block of rows)
+class _TernaryMatrix:
+    """What both codecs share once a subclass's ``_sym()`` decodes its symbols int32 ``[..., rows, cols]`` in
+    {0, 1, 2} (0, ``lo``, ``hi``): symbols, the ternary matrix and the float kernel it stands for."""
 
     is_packed = True  # the model hands it to its dot_general, quantizers refuse it
 
@@ -305,11 +289,6 @@ class TernaryCodec:
     def num_weights(self) -> int:
         """Weights stood for (all matrices of a stack)."""
         return int(np.prod(self.codes.shape[:-1], dtype=np.int64)) * self.rows * self.cols
-
-    def _sym(self) -> jax.Array:
-        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows // self.block_rows,
-                      self.cols * self.block_rows, self.dictionary.unit)
-        return sym.reshape(self.codes.shape[:-1] + (self.rows, self.cols))
 
     def symbols(self) -> jax.Array:
         """Decoded ternary codes int8 ``[..., rows, cols]`` in ``{-1, 0, 1}`` (jittable)."""
@@ -328,6 +307,32 @@ class TernaryCodec:
         w = self.matrix(dtype)
         lead = w.shape[:-2]
         return jnp.swapaxes(w, -1, -2).reshape(lead + tuple(self.shape))
+
+
+@struct.dataclass
+class TernaryCodec(_TernaryMatrix):
+    """A ternary matrix ``[rows = outputs, cols = inputs]`` (optionally stacked: leading axes on every array)
+    compressed by the dictionary code, standing for a float kernel of ``shape`` (one matrix; its first ``n_in``
+    dims are inputs, like :class:`~llmopt_jax.compress.packed.PackedTensor`).
+
+    ``codes`` uint16 ``[..., n]`` (each matrix's codewords row after row, zero-padded to the longest matrix of a
+    stack), ``offsets`` int32 ``[..., rows + 1]`` (row ``r``'s codewords are ``codes[offsets[r]:offsets[r+1]]``),
+    ``levels`` float16 ``[..., rows, 2]`` (``lo``, ``hi``)."""
+
+    codes: jax.Array
+    offsets: jax.Array
+    levels: jax.Array
+    dictionary: TernaryDictionary = struct.field(pytree_node=False)
+    rows: int = struct.field(pytree_node=False)
+    cols: int = struct.field(pytree_node=False)
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    n_in: int = struct.field(pytree_node=False)
+    block_rows: int = struct.field(pytree_node=False, default=1)  # rows per stream (offsets per block of rows)
+
+    def _sym(self) -> jax.Array:
+        sym = _decode(self.codes, self.offsets, self.dictionary.table(), self.rows // self.block_rows,
+                      self.cols * self.block_rows, self.dictionary.unit)
+        return sym.reshape(self.codes.shape[:-1] + (self.rows, self.cols))
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "cols", "unit"))
@@ -455,7 +460,7 @@ ANS_FREQ = np.maximum(1, np.round(32767 * 2.0 ** (-(255 - np.arange(256)) / 16))
 
 
 @struct.dataclass
-class TernaryANS:
+class TernaryANS(_TernaryMatrix):
     """A ternary matrix ``[rows, cols]`` (optionally stacked) coded row by row with rANS (Duda, 2013) under a
     per-row model ``P(-1) = f₋/2^16``, ``P(+1) = f₊/2^16``, ``P(0)`` the rest
     (``f± = ANS_FREQ[freq[..., 0 or 1]]``, two bytes per row: an asymmetric grid's rows can have many more of one
@@ -476,35 +481,11 @@ class TernaryANS:
     n_in: int = struct.field(pytree_node=False)
     block_rows: int = struct.field(pytree_node=False, default=1)
 
-    is_packed = True
     dictionary = None
-
-    @property
-    def dtype(self):
-        return jnp.uint16
-
-    @property
-    def num_weights(self) -> int:
-        return int(np.prod(self.codes.shape[:-1], dtype=np.int64)) * self.rows * self.cols
 
     def _sym(self) -> jax.Array:
         sym = _ans_decode(self.codes, self.offsets, self.freq, self.cols * self.block_rows)
         return sym.reshape(self.codes.shape[:-1] + (self.rows, self.cols))
-
-    def symbols(self) -> jax.Array:
-        """Decoded ternary codes int8 ``[..., rows, cols]`` in ``{-1, 0, 1}`` (jittable)."""
-        sym = self._sym()
-        return jnp.where(sym == 2, 1, -(sym == 1).astype(jnp.int32)).astype(jnp.int8)
-
-    def matrix(self, dtype=jnp.float32) -> jax.Array:
-        """The ternary weights ``[..., rows, cols]`` in ``dtype``."""
-        sym, lv = self._sym(), self.levels.astype(jnp.float32)
-        return jnp.where(sym == 2, lv[..., 1:2], jnp.where(sym == 1, lv[..., 0:1], 0.0)).astype(dtype)
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """The float kernel ``[..., *shape]`` in ``dtype``."""
-        w = self.matrix(dtype)
-        return jnp.swapaxes(w, -1, -2).reshape(w.shape[:-2] + tuple(self.shape))
 
 
 def _ans_row_freq(sym: np.ndarray) -> np.ndarray:
