@@ -122,3 +122,4 @@ def test_moefy_cli_top_k_equal_num_experts_matches_dense_and_model_reloads(tmp_p
     assert abs(again["perplexity"] / res["perplexity"] - 1) < 1e-4
     r = run_cli(["experiments.moefy", "--config=configs/moefy.py:smoke", "--config.top_k=9", f"--workdir={tmp_path / 'x'}"])
     assert r.returncode == 2 and "top_k=9" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr

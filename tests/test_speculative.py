@@ -181,4 +181,5 @@ def test_cli_errors_before_loading(tmp_path, args, message):
 
     proc = run_cli(args + [f"--workdir={tmp_path}/w"], timeout=300)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists()
