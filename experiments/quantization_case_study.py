@@ -106,17 +106,6 @@ def storage_format(r: dict) -> str:
     return f"int{r['bits']}/{r['group_size']}/asym{emb}"
 
 
-def decode_tokens_per_s(model, prompt: list[int], new_tokens: int, repeats: int) -> float:
-    """Median greedy decode tokens/s of ``model`` at batch 1 (after a compiling run)."""
-    import statistics
-
-    from llmopt_jax.infer.generate import Generator
-
-    gen = Generator(model)
-    gen.generate([prompt], new_tokens)
-    return statistics.median(gen.generate([prompt], new_tokens).decode_tokens_per_s for _ in range(repeats))
-
-
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| row | bits/weight | model MiB | ppl close | ppl far | decode tok/s | compress s |",
              "|---|---|---|---|---|---|---|"]
@@ -185,7 +174,7 @@ def main(config, workdir):
     import os
 
     from llmopt_jax.compress.study import (ResumableRows, case_study_settings, check_case_study_inputs,
-                                           open_case_study, print_row, require_finished_rows)
+                                           decode_tokens_per_s, open_case_study, print_row, require_finished_rows)
     from llmopt_jax.jsonio import write_json
 
     todo = grid(config)

@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from llmopt_jax.compress.qmoe import _accumulate, gptq_experts, quantize_experts, rtn_experts
@@ -67,3 +68,34 @@ def test_sequential_gptq_beats_rtn_and_touches_only_experts():
     err_gptq = float(jnp.mean((_outputs(cfg, gptq, tokens) - ref) ** 2))
     err_rtn = float(jnp.mean((_outputs(cfg, rtn, tokens) - ref) ** 2))
     assert err_gptq < err_rtn
+
+
+@pytest.mark.parametrize("grid,codec,scan_layers", [(QuantGrid(2, ternary=True), "ans", True),
+                                                    (QuantGrid(2, ternary=True), "dictionary", False),
+                                                    (GRID, "", True)])
+def test_model_runs_from_packed_experts_and_equals_the_dequantized_model(grid, codec, scan_layers):
+    from llmopt_jax.compress.packed import packed_model
+    from llmopt_jax.compress.qmoe import expert_storage, pack_experts
+
+    cfg = dataclasses.replace(CFG, scan_layers=scan_layers, moe_dispatch="dropless")
+    _, params = init_model(cfg, seed=0)
+    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+    windows = np.random.default_rng(1).integers(0, 64, (4, 24)).astype(np.int32)
+    deq, report = quantize_experts(cfg, pure, windows, grid, batch_size=4, progress=False)
+    packed = pack_experts(cfg, deq, report, codec=codec or "ans")
+    storage = expert_storage(packed)
+    assert storage["expert_params"] == 2 * 3 * 4 * 32 * 16
+    if codec == "ans":
+        assert storage["bits_per_expert_param"] < 8  # codes, offsets and levels of tiny 16- and 32-wide rows
+    elif not grid.ternary:  # 2-bit codes plus a float16 scale and a uint8 zero-point per row
+        rows = 2 * 4 * (16 + 16 + 32)
+        assert storage["expert_bytes"] == 2 * 3 * 4 * 32 * 16 // 4 + 3 * rows
+    graphdef, state = packed_model(cfg, packed)
+    tokens = jnp.asarray(windows)
+    got = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])(state, tokens)
+    np.testing.assert_allclose(got, _outputs(cfg, deq, tokens), rtol=2e-5, atol=2e-5)
+    for dispatch in ("capacity",):  # the einsum path multiplies through the injected dot_general
+        c = dataclasses.replace(cfg, moe_dispatch=dispatch, moe_capacity_factor=2.0)
+        g, s = packed_model(c, packed)
+        np.testing.assert_allclose(jax.jit(lambda p, t: nnx.merge(g, p)(t)[0])(s, tokens), _outputs(c, deq, tokens),
+                                   rtol=2e-5, atol=2e-5)

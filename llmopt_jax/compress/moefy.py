@@ -88,11 +88,11 @@ def balanced_clusters(features: np.ndarray, num_clusters: int, iterations: int =
     n = features.shape[0]
     if n % num_clusters:
         raise ConfigError(f"{n} hidden units do not split into {num_clusters} equal experts")
+    features = np.ascontiguousarray(features)
     best, best_score = None, -np.inf
     for r in range(max(restarts, 1)):
         assign = _balanced_kmeans(features, num_clusters, iterations, np.random.default_rng([seed, r]))
-        centers = np.stack([features[assign == c].mean(0) for c in range(num_clusters)])
-        centers /= np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+        centers = _centers(features, assign, num_clusters)
         score = float(np.sum(features * centers[assign]))
         if score > best_score:
             best, best_score = assign, score
@@ -115,10 +115,16 @@ def _balanced_kmeans(features: np.ndarray, num_clusters: int, iterations: int, r
         if np.array_equal(new, assign):
             break
         assign = new
-        for c in range(num_clusters):
-            mean = features[assign == c].mean(axis=0)
-            centers[c] = mean / max(np.linalg.norm(mean), 1e-12)
+        centers = _centers(features, assign, num_clusters)
     return assign
+
+
+def _centers(features: np.ndarray, assign: np.ndarray, num_clusters: int) -> np.ndarray:
+    """Unit-norm mean direction of each cluster's rows, ``[num_clusters, m]``: one matmul with the one-hot
+    assignment (gathering each cluster's rows of a large ``features`` costs ~50x more)."""
+    onehot = (assign[None, :] == np.arange(num_clusters)[:, None]).astype(features.dtype)
+    sums = onehot @ features
+    return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
 
 
 def _balanced_assignment(sim: np.ndarray, size: int) -> np.ndarray:

@@ -90,9 +90,10 @@ class PackedTensor:
         return jnp.uint8
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """The float kernel ``[*shape]`` (one layer) in ``dtype``."""
-        if self.data.ndim != 2:
-            raise ValueError(f"dequantize one layer at a time; data has shape {self.data.shape}")
+        """The float kernel ``[..., *shape]`` in ``dtype``: one layer, or a stack (e.g. a MoE layer's experts,
+        ``data [E, in·bits/8, out]`` -> ``[E, *shape]``)."""
+        if self.data.ndim > 2:
+            return jax.vmap(lambda t: t.dequantize(dtype))(self)
         codes = unpack_codes(self.data, self.bits, self.lo)
         w = self._scale_groups(codes, self.scale, self.offset, self.zero)
         return w.reshape(self.shape).astype(dtype)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any
 
@@ -33,7 +34,7 @@ from llmopt_jax.compress.quantize import QuantGrid, QuantizedMatrix, _gptq, _rtn
 from llmopt_jax.errors import ConfigError
 from llmopt_jax.models.config import ModelConfig
 from llmopt_jax.models.decoder import Block
-from llmopt_jax.models.layout import layer_params, stack_layers
+from llmopt_jax.models.layout import layer_params, layers_are_stacked, stack_layers
 
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 QMOE_DAMP = 0.1
@@ -213,3 +214,93 @@ def quantize_experts(cfg: ModelConfig, params: Any, windows: np.ndarray | None, 
               "seconds": time.perf_counter() - t_start, "seconds_solve": solve_seconds, "method": method,
               "grid": grid.describe()}
     return out, report
+
+
+def _stack_records(records: list[QuantizedMatrix]) -> QuantizedMatrix:
+    """Expert-batched records of several layers -> one record with a leading layer axis ``[L, E, ...]``."""
+    stack = lambda *a: np.stack([np.asarray(x) for x in a])  # noqa: E731
+    return QuantizedMatrix(stack(*[r.codes for r in records]), stack(*[r.scale for r in records]),
+                           stack(*[r.offset for r in records]), records[0].grid)
+
+
+def pack_experts(cfg: ModelConfig, pure: dict, report: dict, *, codec: str = "ans", block_rows: int = 0,
+                 dictionary=None) -> dict:
+    """``pure`` params (from :func:`quantize_experts`) with every expert kernel ``[E, in, out]`` replaced by the
+    real bits of ``report["quantized"]``: a ternary grid coded by ``compress/codec.py`` (``codec``: ``"ans"`` or
+    ``"dictionary"``, QMoE's; ``block_rows`` rows per stream, 0 = auto; the dictionary codec's kernels share
+    ``dictionary``, default one fitted to all of them), any other grid as a :class:`PackedTensor` (codes packed
+    at ``bits`` per weight, float16 scales and uint8 zero-points per row). Stacked layers get one leaf per kernel
+    name with leading ``[L, E]`` axes. The model runs from these leaves (the expert matmuls decode, then
+    multiply; ``compress/packed.py``'s ``packed_model``)."""
+    from llmopt_jax.compress.codec import encode_matrix, records_dictionary
+    from llmopt_jax.compress.packed import pack_matrix
+
+    quantized = report["quantized"]
+    moe_layers = [i for i, q in enumerate(quantized) if q]
+    if not moe_layers:
+        raise ConfigError("the report holds no quantized experts")
+    grid = quantized[moe_layers[0]]["moe"][EXPERT_LINEARS[0]]["kernel"].grid
+    if grid.ternary and codec == "dictionary" and dictionary is None:
+        dictionary = records_dictionary(quantized)
+    shape = {"gate_proj": (cfg.d_model, cfg.expert_dim), "up_proj": (cfg.d_model, cfg.expert_dim),
+             "down_proj": (cfg.expert_dim, cfg.d_model)}
+
+    def pack(record: QuantizedMatrix, name: str):
+        if record.grid.ternary:
+            return encode_matrix(record, shape[name], 1, dictionary, codec=codec, block_rows=block_rows)
+        if record.codes.ndim == 4:  # [L, E, ...]: PackedTensor packs one expert stack at a time
+            per_layer = [pack_matrix(QuantizedMatrix(c, s, o, record.grid), shape[name])
+                         for c, s, o in zip(record.codes, record.scale, record.offset)]
+            return jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        return pack_matrix(record, shape[name])
+
+    layers = pure["layers"]
+    if cfg.scan_layers:
+        if len(moe_layers) != cfg.num_layers:
+            raise ConfigError("stacked layers hold experts in every layer; this report quantized only "
+                              f"{len(moe_layers)} of {cfg.num_layers}")
+        moe = dict(layers["moe"])
+        for name in EXPERT_LINEARS:
+            record = _stack_records([q["moe"][name]["kernel"] for q in quantized])
+            moe[name] = {"kernel": pack(record, name)}
+        return {**pure, "layers": {**layers, "moe": moe}}
+    new_layers = {}
+    for i in range(cfg.num_layers):
+        block = layer_params(layers, i, False)
+        if quantized[i]:
+            block = {**block, "moe": {**block["moe"], **{name: {"kernel": pack(quantized[i]["moe"][name]["kernel"], name)}
+                                                          for name in EXPERT_LINEARS}}}
+        new_layers[i] = block
+    return {**pure, "layers": new_layers}
+
+
+def expert_storage(packed: dict) -> dict[str, float]:
+    """Bytes and bits per parameter of the expert kernels of ``packed`` params (:func:`pack_experts`), measured
+    from the arrays held: ``expert_bytes`` (codes, offsets, levels/scales, zero-points, per-stream model bytes,
+    and each distinct codec dictionary once), ``expert_params`` and ``bits_per_expert_param``; float kernels count
+    their own bytes."""
+    from llmopt_jax.compress.codec import TernaryANS, TernaryCodec, bits_per_param
+    from llmopt_jax.compress.packed import PackedTensor
+    from llmopt_jax.infer.roofline import tree_bytes
+
+    layers = packed["layers"]
+    blocks = [layers] if layers_are_stacked(layers) else [layers[k] for k in sorted(layers, key=int)]
+    kernels = [b["moe"][name]["kernel"] for b in blocks if "moe" in b for name in EXPERT_LINEARS]
+    if not kernels:
+        raise ConfigError("these params hold no expert kernels")
+    coded = [k for k in kernels if isinstance(k, (TernaryANS, TernaryCodec))]
+    nbytes, params = 0, 0
+    if coded:
+        stats = bits_per_param(coded)
+        nbytes, params = stats["bytes_total"], stats["num_params"]
+    for k in kernels:
+        if isinstance(k, (TernaryANS, TernaryCodec)):
+            continue
+        if isinstance(k, PackedTensor):
+            nbytes += tree_bytes(k)
+            params += int(np.prod(k.data.shape[:-2], dtype=np.int64)) * math.prod(k.shape)
+        else:
+            nbytes += tree_bytes(k)
+            params += int(np.prod(np.shape(k), dtype=np.int64))
+    return {"expert_bytes": int(nbytes), "expert_params": int(params),
+            "bits_per_expert_param": 8.0 * nbytes / params}

@@ -184,3 +184,14 @@ def print_row(label: str, row: dict) -> None:
     """One progress line per finished row."""
     print(f"{label}: close {row['perplexity_close']:9.2f}  far {row['perplexity_far']:9.2f}  "
           f"({row['seconds_compress']:.0f} s to compress)", flush=True)
+
+
+def decode_tokens_per_s(model, prompt: list[int], new_tokens: int, repeats: int) -> float:
+    """Median greedy decode tokens/s of ``model`` at batch 1 (after a compiling run)."""
+    import statistics
+
+    from llmopt_jax.infer.generate import Generator
+
+    gen = Generator(model)
+    gen.generate([prompt], new_tokens)
+    return statistics.median(gen.generate([prompt], new_tokens).decode_tokens_per_s for _ in range(repeats))
