@@ -46,7 +46,10 @@ def get_config(preset: str = "smoke") -> ConfigDict:
     c = ConfigDict()
     c.preset = preset
     c.seed = 0
-    c.distributed = False  # True on multi-host slices: calls jax.distributed.initialize()
+    c.distributed = False  # True on multi-host runs: calls jax.distributed.initialize() (one process per host)
+    # Where the processes meet. Empty / 0 / -1: detected (Cloud TPU VMs, SLURM, Open MPI, Kubernetes); set all
+    # three to launch by hand (several GPU hosts; or local processes: coordinator_address="127.0.0.1:PORT").
+    c.cluster = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
 
     c.model = ConfigDict(
         dict(

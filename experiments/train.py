@@ -14,11 +14,12 @@ Ctrl-C or SIGTERM stops after the step in flight. A rerun may change only the se
 from llmopt_jax import cli
 
 # Settings that do not change what a resumed run computes: its length, logging, checkpoint cadence, MFU's peak,
-# how processes are started, and the AOT-memory experiment's section. Everything else (model, data, optim, seed,
-# init_from, qat, mesh, sharding_rules, ...) must match the stored config.json for a run to resume.
+# how processes are started, the device mesh (elastic restore: checkpoints are resharded onto the new mesh; the
+# numbers change only by the order of float reductions), and the AOT-memory experiment's section. Everything else
+# (model, data, optim, seed, init_from, qat, sharding_rules, ...) must match the stored config.json to resume.
 RESUMABLE_CHANGES = frozenset({
     "train.steps", "train.log_every", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.async_checkpoint", "train.peak_flops_per_s", "distributed", "aot",
+    "train.async_checkpoint", "train.peak_flops_per_s", "distributed", "cluster", "mesh", "aot",
     # Fine-tuning's held-out evaluation runs outside training (the base's perplexity is cached per eval setting).
     "eval.text_file", "eval.seq_len", "eval.batch_size", "eval.max_windows",
 })
@@ -35,7 +36,7 @@ def main(config, workdir):
         from llmopt_jax.parallel.distributed import maybe_initialize
 
         # jax.distributed first (nothing has touched a device yet); each host then locks its own file.
-        maybe_initialize(True)
+        maybe_initialize(True, **(config.cluster.to_dict() if "cluster" in config else {}))
         process_index = jax.process_index()
     # Before the heavy imports: a busy or mis-set workdir is reported within seconds.
     workdir = cli.prepare_workdir(config, workdir, resumable=RESUMABLE_CHANGES, process_index=process_index)

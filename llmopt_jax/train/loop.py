@@ -133,7 +133,7 @@ def train(config: ConfigDict, workdir: str) -> dict:
     With ``init_from`` the trained model is also written to ``WORKDIR/model`` (safetensors + tokenizer).
     """
     # Multi-host: before anything touches a device, including the pretrained model that init_from loads.
-    maybe_initialize(bool(config.get("distributed", False)))
+    maybe_initialize(bool(config.get("distributed", False)), **(config.cluster.to_dict() if "cluster" in config else {}))
     dot_general = qat_dot_general(config)
     model_cfg, tokenizer, initial_params, pretrained = start_point(config)
     if model_cfg.vocab_size < tokenizer.vocab_size:
