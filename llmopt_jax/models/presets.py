@@ -32,6 +32,20 @@ MODEL_PRESETS: dict[str, dict] = {
         vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, mlp_dim=1536, head_dim=64,
         rope_base=100000.0, rms_eps=1e-5, tie_embeddings=True, max_seq_len=8192,
     ),
+    # TinyLlama-1.1B's shape (the MFU goal of the training issue): GQA with 4 KV heads.
+    "tinyllama_1b": dict(
+        vocab_size=32000, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4, mlp_dim=5632, head_dim=64,
+        rope_base=10000.0, rms_eps=1e-5, tie_embeddings=False, max_seq_len=2048,
+    ),
+    # LLaMA-2-13B and -70B (GQA, 8 KV heads): AOT planning only (experiments/plan.py).
+    "llama2_13b": dict(
+        vocab_size=32000, d_model=5120, num_layers=40, num_heads=40, num_kv_heads=40, mlp_dim=13824,
+        head_dim=128, rope_base=10000.0, rms_eps=1e-5, tie_embeddings=False, max_seq_len=4096,
+    ),
+    "llama2_70b": dict(
+        vocab_size=32000, d_model=8192, num_layers=80, num_heads=64, num_kv_heads=8, mlp_dim=28672,
+        head_dim=128, rope_base=10000.0, rms_eps=1e-5, tie_embeddings=False, max_seq_len=4096,
+    ),
     # LLaMA-2-7B: used for abstract (AOT) compilation and memory estimates only.
     "llama2_7b": dict(
         vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32, mlp_dim=11008,

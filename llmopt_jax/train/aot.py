@@ -74,6 +74,7 @@ def compile_train_step_abstract(config: ConfigDict) -> dict:
         "xla_output_bytes_per_device": int(memory.output_size_in_bytes),
         "xla_alias_bytes_per_device": int(memory.alias_size_in_bytes),
         "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
+        "xla_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)) if cost else 0.0,
         "model_flops_per_step": model_cfg.train_flops_per_token(seq_len) * micro * accum * seq_len,
         "tokens_per_step": micro * accum * seq_len,
     }
