@@ -6,7 +6,7 @@
 
 Each run trains in WORKDIR/runs/NAME exactly like ``experiments.train`` (checkpoints, resume); finished runs are
 rows of WORKDIR/rows.jsonl, so a killed sweep resumes where it stopped. Writes WORKDIR/results.json (``rows``:
-the settings, the metric, final loss, tokens/s; ``best``), table.md and sweep.png (the metric against the first
+each run's ``values`` of the grid keys, the metric, final loss, tokens/s; ``best``), table.md and sweep.png (the metric against the first
 key, one line per value of the second).
 """
 
