@@ -46,6 +46,8 @@ def check_config(config) -> None:
         raise ConfigError(f"qmoe.damp_fraction must be > 0, got {config.qmoe.damp_fraction}")
     if int(config.qmoe.block_rows) < 0 or int(config.qmoe.max_tokens_per_expert) < 0:
         raise ConfigError("qmoe.block_rows and qmoe.max_tokens_per_expert must be >= 0")
+    if int(config.qmoe.stream_symbols) < 1:
+        raise ConfigError(f"qmoe.stream_symbols must be >= 1, got {config.qmoe.stream_symbols}")
     if int(config.num_layers) < 0:
         raise ConfigError(f"num_layers must be >= 0 (0 = all), got {config.num_layers}")
     if config.moe.model and not os.path.isdir(config.moe.model):
@@ -111,7 +113,8 @@ def compress_experts(config, moe, calib, label: str):
                                    max_tokens_per_expert=int(q.max_tokens_per_expert), progress=config.progress)
     seconds_quantize = time.perf_counter() - t0
     t0 = time.perf_counter()
-    packed = pack_experts(moe.cfg, deq, report, codec=q.codec, block_rows=int(q.block_rows))
+    packed = pack_experts(moe.cfg, deq, report, codec=q.codec, block_rows=int(q.block_rows),
+                          stream_symbols=int(q.stream_symbols))
     seconds_encode = time.perf_counter() - t0
     graphdef, params = packed_model(moe.cfg, packed)
     model = PretrainedModel(moe.cfg, graphdef, params, moe.tokenizer, f"{moe.path} ({label})")
@@ -130,7 +133,8 @@ def compress_experts(config, moe, calib, label: str):
         numbers.update(zero_fraction=stats["zero_fraction"], entropy_bits=stats["entropy_bits"], codec=q.codec)
         # The other codec on the same codes, for the rate comparison (bytes only; the model runs from q.codec's).
         other = next(c for c in CODECS if c != q.codec)
-        alt = bits_per_param(pack_experts(moe.cfg, deq, report, codec=other, block_rows=int(q.block_rows))["layers"])
+        alt = bits_per_param(pack_experts(moe.cfg, deq, report, codec=other, block_rows=int(q.block_rows),
+                                          stream_symbols=int(q.stream_symbols))["layers"])
         numbers["other_codec"] = {"codec": other, "bits_per_expert_param": alt["bits_per_param"],
                                   "bits_per_expert_param_without_dictionary": alt["bits_per_param_without_dictionary"]}
     else:
@@ -172,11 +176,13 @@ def float_row(model, label: str) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| row | bits / expert param | expert MiB | model MiB | zeros | ppl close | ppl far | decode tok/s | "
-             "compress s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | bits / expert param (unpadded) | expert MiB | model MiB | zeros | ppl close | ppl far | "
+             "decode tok/s | compress s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         decode = f"{r['decode_tokens_per_s']:.1f}" if r.get("decode_tokens_per_s") else ""
-        lines.append(f"| {r['label']} | {r['bits_per_expert_param']:.3f} | {r['expert_bytes'] / 2**20:.2f} | "
+        unpadded = r.get("bits_per_expert_param_unpadded", r["bits_per_expert_param"])
+        bits = f"{r['bits_per_expert_param']:.3f}" + (f" ({unpadded:.3f})" if unpadded < r["bits_per_expert_param"] else "")
+        lines.append(f"| {r['label']} | {bits} | {r['expert_bytes'] / 2**20:.2f} | "
                      f"{r['model_bytes'] / 2**20:.1f} | {r['zero_fraction']:.3f} | {r['ppl_close']:.2f} | "
                      f"{r['ppl_far']:.2f} | {decode} | {r['seconds_compress']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -373,7 +373,7 @@ def auto_block_rows(rows: int, cols: int, min_symbols: int = MIN_STREAM_SYMBOLS)
     return next((b for b in range(1, rows + 1) if rows % b == 0 and b * cols >= min_symbols), rows)
 
 
-def _prepare(codes, lo, hi, kernel_shape, n_in, block_rows):
+def _prepare(codes, lo, hi, kernel_shape, n_in, block_rows, stream_symbols=MIN_STREAM_SYMBOLS):
     """Checks; ``(lead, rows, cols, b, lo, hi, kernel_shape, streams [M, rows/b, b·cols])``."""
     codes = np.asarray(codes)
     if codes.ndim < 2:
@@ -383,7 +383,7 @@ def _prepare(codes, lo, hi, kernel_shape, n_in, block_rows):
     kernel_shape = tuple(kernel_shape or (cols, rows))
     if math.prod(kernel_shape[:n_in]) != cols or math.prod(kernel_shape[n_in:]) != rows:
         raise ConfigError(f"kernel shape {kernel_shape} (n_in={n_in}) does not hold a [{rows}, {cols}] matrix")
-    b = auto_block_rows(rows, cols) if block_rows == 0 else int(block_rows)
+    b = auto_block_rows(rows, cols, stream_symbols) if block_rows == 0 else int(block_rows)
     if b < 1 or rows % b:
         raise ConfigError(f"block_rows must divide the {rows} rows (or be 0 = auto), got {block_rows}")
     return lead, rows, cols, b, lo, hi, kernel_shape, codes.reshape(-1, rows // b, b * cols)
@@ -392,13 +392,15 @@ def _prepare(codes, lo, hi, kernel_shape, n_in, block_rows):
 def encode_ternary(
     codes: Any, lo: Any, hi: Any, dictionary: TernaryDictionary | None = None, *,
     kernel_shape: tuple[int, ...] | None = None, n_in: int = 1, block_rows: int = 1,
+    stream_symbols: int = MIN_STREAM_SYMBOLS,
 ) -> TernaryCodec:
     """Compresses ternary ``codes`` int ``[..., rows, cols]`` in {-1, 0, 1} with per-row levels ``lo``/``hi``
     float ``[..., rows]`` (stored as float16; value of -1 and +1). ``dictionary`` default: one fitted to these
     codes (:func:`build_dictionary`). ``kernel_shape`` (default ``(cols, rows)``) is the float kernel's shape
     with ``n_in`` leading input dims. ``block_rows`` rows share one stream and offset (1: per row, as QMoE; 0:
-    :func:`auto_block_rows`). Deterministic; host-side NumPy."""
-    lead, rows_, cols_, b, lo, hi, kernel_shape, streams = _prepare(codes, lo, hi, kernel_shape, n_in, block_rows)
+    :func:`auto_block_rows` with streams of at least ``stream_symbols``). Deterministic; host-side NumPy."""
+    lead, rows_, cols_, b, lo, hi, kernel_shape, streams = _prepare(codes, lo, hi, kernel_shape, n_in, block_rows,
+                                                                    stream_symbols)
     if dictionary is None:
         dictionary = build_dictionary([streams])
     rows, cols = streams.shape[1:]
@@ -430,7 +432,8 @@ CODECS = ("ans", "dictionary")
 
 
 def encode_matrix(qm, kernel_shape: tuple[int, ...] | None = None, n_in: int = 1,
-                  dictionary: TernaryDictionary | None = None, *, codec: str = "dictionary", block_rows: int = 1):
+                  dictionary: TernaryDictionary | None = None, *, codec: str = "dictionary", block_rows: int = 1,
+                  stream_symbols: int = MIN_STREAM_SYMBOLS):
     """A :class:`~llmopt_jax.compress.quantize.QuantizedMatrix` on a ternary grid with one pair of levels per row
     (per channel or per tensor; ``[rows, cols]`` or stacked ``[layers, rows, cols]``) coded by ``codec``:
     ``"dictionary"`` (:func:`encode_ternary`, QMoE's scheme) or ``"ans"`` (:func:`encode_ternary_ans`)."""
@@ -445,9 +448,9 @@ def encode_matrix(qm, kernel_shape: tuple[int, ...] | None = None, n_in: int = 1
     scale, offset = np.asarray(qm.scale)[..., 0], np.asarray(qm.offset)[..., 0]  # [..., rows or 1]: hi, lo
     if codec == "ans":
         return encode_ternary_ans(np.asarray(qm.codes), offset, scale, kernel_shape=kernel_shape, n_in=n_in,
-                                  block_rows=block_rows)
+                                  block_rows=block_rows, stream_symbols=stream_symbols)
     return encode_ternary(np.asarray(qm.codes), offset, scale, dictionary, kernel_shape=kernel_shape, n_in=n_in,
-                          block_rows=block_rows)
+                          block_rows=block_rows, stream_symbols=stream_symbols)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -501,10 +504,11 @@ def _ans_row_freq(sym: np.ndarray) -> np.ndarray:
 
 
 def encode_ternary_ans(codes: Any, lo: Any, hi: Any, *, kernel_shape: tuple[int, ...] | None = None,
-                       n_in: int = 1, block_rows: int = 1) -> TernaryANS:
+                       n_in: int = 1, block_rows: int = 1, stream_symbols: int = MIN_STREAM_SYMBOLS) -> TernaryANS:
     """Like :func:`encode_ternary`, with per-row (per ``block_rows`` rows) rANS instead of the dictionary: no
     shared table, one model byte per stream. Host-side NumPy, all streams at once, deterministic."""
-    lead, rows_, cols_, b, lo, hi, kernel_shape, streams = _prepare(codes, lo, hi, kernel_shape, n_in, block_rows)
+    lead, rows_, cols_, b, lo, hi, kernel_shape, streams = _prepare(codes, lo, hi, kernel_shape, n_in, block_rows,
+                                                                    stream_symbols)
     rows, cols = streams.shape[1:]
     sym = _unit_values(streams.reshape(-1, cols), 1)
     r = sym.shape[0]
