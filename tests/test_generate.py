@@ -142,3 +142,25 @@ def test_half_precision_single_prompt_on_cpu_is_padded_to_two_rows():
     pair = gen.generate(prompts([5]) * 2, 6)
     assert len(single.tokens) == 1 and single.tokens[0] == pair.tokens[0]
     assert single.prompt_lengths == [5] and len(single.stopped) == 1
+
+
+@pytest.mark.parametrize("stop_first", [False, True])
+def test_several_steps_per_dispatch_equal_one_step_per_dispatch(model, stop_first):
+    graphdef, params = model
+    batch = prompts([3, 9, 5], seed=4)
+    sampling = SamplingConfig(temperature=0.8, top_k=20)
+    one = Generator(graphdef, params, steps_per_dispatch=1)
+    free = one.generate(batch, 15, sampling, seed=2).tokens
+    stop_ids = [free[0][2]] if stop_first else []  # sequence 0 stops early, mid-dispatch
+    streamed = []
+    ref = one.generate(batch, 15, sampling, seed=2, stop_ids=stop_ids)
+    for chunk in (4, 7, 32):
+        got = Generator(graphdef, params, steps_per_dispatch=chunk).generate(
+            batch, 15, sampling, seed=2, stop_ids=stop_ids, on_token=lambda t: streamed.append(t.tolist()))
+        assert got.tokens == ref.tokens and got.stopped == ref.stopped and got.decode_steps == ref.decode_steps
+    assert len(streamed) == 3 * (ref.decode_steps + 1)  # on_token still sees every step, in order
+    free_one = one.generate(batch[:1], 6, sampling, seed=2).tokens[0]
+    first = free_one.index(free_one[3])  # where the stop id first comes
+    everyone_stops = Generator(graphdef, params, steps_per_dispatch=8).generate(
+        batch[:1], 15, sampling, seed=2, stop_ids=[free_one[3]])
+    assert everyone_stops.stopped == [True] and everyone_stops.decode_steps == first  # the loop left at the stop

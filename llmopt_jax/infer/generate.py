@@ -10,6 +10,7 @@ recompiling. Sampling (greedy, temperature, top-k, top-p) runs inside the jitted
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -99,6 +100,29 @@ def _decode(graphdef, params, tokens, cache, key, sampling: SamplingConfig):
     return sample_logits(logits[:, -1], key, sampling), cache
 
 
+def _decode_many(graphdef, params, tokens, cache, key, first_step, limit, done, stops, sampling: SamplingConfig,
+                 chunk: int):
+    """Up to ``min(chunk, limit)`` decode steps in one dispatch (a ``lax.while_loop`` on the device), stopping
+    early once every sequence has produced a stop id. Step ``i`` draws with ``fold_in(key, first_step + i)``, as
+    one step per dispatch would. Returns (tokens ``[chunk, B]`` (rows past the steps run are zeros), last tokens
+    ``[B]``, cache, done ``[B]``, steps run)."""
+    batch = tokens.shape[0]
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < jnp.minimum(limit, chunk)) & ~jnp.all(done)
+
+    def body(carry):
+        i, tok, cache, done, out = carry
+        nxt, cache = _decode(graphdef, params, tok, cache, jax.random.fold_in(key, first_step + i), sampling)
+        done = done | jnp.any(nxt[:, None] == stops[None, :], axis=1)
+        return i + 1, nxt, cache, done, out.at[i].set(nxt)
+
+    out = jnp.zeros((chunk, batch), tokens.dtype)
+    steps, last, cache, done, out = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, cache, done, out))
+    return out, last, cache, done, steps
+
+
 @dataclasses.dataclass
 class Generation:
     """Result of :func:`generate`: new token ids per prompt (stop token excluded) and timings."""
@@ -129,7 +153,10 @@ class Generator:
     the same bucket never recompile.
     """
 
-    def __init__(self, graphdef, params: nnx.State | None = None, cache_dtype=None):
+    def __init__(self, graphdef, params: nnx.State | None = None, cache_dtype=None, steps_per_dispatch: int = 8):
+        if steps_per_dispatch < 1:
+            raise ConfigError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
+        self.steps_per_dispatch = steps_per_dispatch  # decode steps per device call (no host sync in between)
         if params is None:  # a model object
             graphdef, params = graphdef.graphdef, graphdef.params
         self.graphdef = graphdef
@@ -149,10 +176,15 @@ class Generator:
 
     def _compile(self, kind: str, sampling: SamplingConfig, *args) -> Callable:
         shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
-        key = (kind, sampling, shapes)
+        key = (kind, sampling, shapes, self.steps_per_dispatch if kind == "decode" else 0)
         if key not in self._compiled:
             t0 = time.perf_counter()
-            fn = _prefill if kind == "prefill" else _decode
+            if kind == "prefill":
+                fn = _prefill
+            elif self.steps_per_dispatch == 1:
+                fn = _decode
+            else:
+                fn = functools.partial(_decode_many, chunk=self.steps_per_dispatch)
             jitted = jax.jit(
                 lambda p, *a: fn(self.graphdef, p, *a, sampling=sampling),
                 donate_argnums=(3,) if kind == "prefill" else (2,),
@@ -203,21 +235,29 @@ class Generator:
         cache = self._empty_cache(batch, max_len)
         base_key = jax.random.key(seed)
         compile_before = self.compile_seconds
+        stops = np.asarray(sorted(set(int(s) for s in stop_ids)), np.int64)
+        stops_device = jnp.asarray(stops if len(stops) else np.asarray([-1]), jnp.int32)
         prefill = self._compile("prefill", sampling, tokens, lens, cache, base_key)
-        decode = self._compile("decode", sampling, lens, cache, base_key)
+        many = self.steps_per_dispatch > 1
+        decode_args = (lens, cache, base_key) + ((jnp.int32(0), jnp.int32(0), jnp.zeros(batch, bool),
+                                                  stops_device) if many else ())
+        decode = self._compile("decode", sampling, *decode_args)
 
         t0 = time.perf_counter()
         nxt, cache = prefill(self.params, tokens, lens, cache, jax.random.fold_in(base_key, 0))
         nxt_host = np.asarray(nxt)
         seconds_prefill = time.perf_counter() - t0
 
-        stops = np.asarray(sorted(set(int(s) for s in stop_ids)), np.int64)
         out: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(batch, bool)
         steps = 0
         t0 = time.perf_counter()
         done[real:] = True  # padding rows never count
-        for step in range(1, max_new_tokens + 1):
+        pending = [nxt_host]  # tokens produced but not yet looked at, in order
+        step = 0
+        while pending:
+            nxt_host = pending.pop(0)
+            step += 1
             for i in np.flatnonzero(~done):
                 if nxt_host[i] in stops:
                     done[i] = True
@@ -227,9 +267,19 @@ class Generator:
                 on_token(nxt_host[:real])
             if done.all() or step == max_new_tokens:
                 break
-            nxt, cache = decode(self.params, nxt, cache, jax.random.fold_in(base_key, step))
-            nxt_host = np.asarray(nxt)
-            steps += 1
+            if pending:
+                continue
+            if many:  # several steps on the device; the host looks at their tokens afterwards
+                limit = jnp.int32(max_new_tokens - step)
+                block, nxt, cache, _, ran = decode(self.params, nxt, cache, base_key, jnp.int32(step), limit,
+                                                   jnp.asarray(done), stops_device)
+                ran = int(ran)
+                pending.extend(np.asarray(block)[:ran])
+                steps += ran
+            else:
+                nxt, cache = decode(self.params, nxt, cache, jax.random.fold_in(base_key, step))
+                pending.append(np.asarray(nxt))
+                steps += 1
         seconds_decode = time.perf_counter() - t0
         return Generation(
             tokens=out[:real], prompt_lengths=lengths[:real], stopped=done[:real].tolist(), seconds_prefill=seconds_prefill,
