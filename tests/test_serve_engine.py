@@ -222,3 +222,16 @@ def test_abort_frees_pages(model, prompts):
     assert engine.metrics()["kv_pages_used"] > 0
     engine.abort(rid)
     assert engine.metrics()["kv_pages_used"] == 0 and not engine.has_unfinished()
+
+
+def test_static_batching_keeps_its_admitted_width_until_the_batch_drains(model, prompts):
+    engine = Engine(*model, EngineConfig(page_size=4, num_pages=64, max_running=8, prefill_budget=64,
+                                         max_decode_steps=2, mode="static", min_batch_bucket=1))
+    widths = []
+    decode = engine._decode
+    engine._decode = lambda params, kv, tokens, *a: (widths.append(len(tokens)), decode(params, kv, tokens, *a))[1]
+    for i, p in enumerate(prompts[:5]):  # one long request among short ones
+        engine.add_request(p, SamplingParams(max_tokens=12 if i == 0 else 2))
+    while engine.has_unfinished():
+        engine.step()
+    assert widths and set(widths) == {8}  # 5 admitted -> bucket 8, also once only the long request is left

@@ -314,7 +314,7 @@ class Engine:
 
     def decode(self, seqs: list[Sequence_], steps: int) -> list[list[int]]:
         """Up to ``steps`` tokens for each of ``seqs`` (pages for them already allocated) in one dispatch."""
-        b = _pow2(len(seqs), self.config.min_batch_bucket)
+        b = _pow2(max(len(seqs), self.scheduler.batch_width), self.config.min_batch_bucket)
         rows: list[Sequence_ | None] = list(seqs) + [None] * (b - len(seqs))
         tokens = np.zeros(b, np.int32)
         starts = np.zeros(b, np.int32)

@@ -8,8 +8,8 @@ admitted ones (Sarathi-style chunked prefill: a long prompt never stalls decodin
 
 Policies: ``fcfs`` admits in arrival order; ``spf`` (shortest prompt first, length-aware as in TurboTransformers)
 admits the waiting request with the fewest prompt tokens. Modes: ``continuous`` admits whenever there is room;
-``static`` admits a new batch only when the previous one has completely finished (classic static batching, the
-baseline of the benchmark). ``max_running=1`` serves one request at a time (the sequential baseline).
+``static`` admits a new batch only when the previous one has completely finished, and decodes it at the width it was
+admitted with (finished rows keep their slots, as in classic static batching; the baseline of the benchmark). ``max_running=1`` serves one request at a time (the sequential baseline).
 """
 
 from __future__ import annotations
@@ -129,6 +129,9 @@ class Scheduler:
         self.waiting: collections.deque[Sequence_] = collections.deque()
         self.running: list[Sequence_] = []  # in admission order
         self.num_preemptions = 0
+        # Static batching holds a batch at the width it was admitted with until its last request finishes, as
+        # static batching does (FasterTransformer, HF generate): finished rows keep their slot in every decode.
+        self.batch_width = 0
 
     # ----------------------------------------------------------------------------------------------- queue
     def add(self, seq: Sequence_) -> None:
@@ -242,6 +245,7 @@ class Scheduler:
                     break
                 self.waiting.remove(seq)
                 self.running.append(seq)
+            self.batch_width = len(self.running)
         for seq in [s for s in self.running if s.prefilling]:
             if budget <= 0:
                 break
