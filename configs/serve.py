@@ -31,6 +31,9 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.request_timeout = 600.0  # seconds one request may take before it is cancelled
     c.warmup = True  # compile the common executables before listening
     c.log_level = "warning"  # uvicorn's
+    # Self-speculative decoding of greedy requests (llmopt_jax/serve/speculative.py): draft with the first N blocks
+    # of the served model, num_draft tokens per round; 0 = off.
+    c.speculative = ConfigDict(dict(draft_layers=0, num_draft=4))
     c.engine = ConfigDict(dict(
         page_size=16,
         num_pages=p["num_pages"],  # KV pool size in pages (page 0 reserved)

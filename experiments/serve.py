@@ -47,7 +47,15 @@ def main(config, workdir):
     workdir = cli.prepare_workdir(config, workdir.replace("PORT", str(config.port)))
     model = load_model(config)
     tokenizer = model.require_tokenizer() if hasattr(model, "require_tokenizer") else model.tokenizer
-    engine = Engine(model, config=engine_config, tokenizer=tokenizer)
+    strategy = None
+    if int(config.speculative.draft_layers):
+        from llmopt_jax.serve.speculative import SelfSpeculativeDecode
+
+        if not int(config.speculative.draft_layers) < model.cfg.num_layers:
+            raise ConfigError(f"speculative.draft_layers={config.speculative.draft_layers} must be below the model's "
+                              f"{model.cfg.num_layers} layers")
+        strategy = SelfSpeculativeDecode(int(config.speculative.draft_layers), int(config.speculative.num_draft))
+    engine = Engine(model, config=engine_config, tokenizer=tokenizer, decode_strategy=strategy)
     if config.warmup:  # compiles the prefill and both decode executables before the first client waits on them
         engine.generate([tokenizer.encode("warm up")], SamplingParams(max_tokens=engine_config.max_decode_steps + 2))
         engine.stats = EngineStats()  # the warm-up's compile time is no client's TTFT

@@ -22,12 +22,14 @@ STARTUP = 240.0
 
 @pytest.mark.slow
 def test_serve_answers_then_drains_on_sigterm_and_exits_0(tmp_path):
+    """Also with self-speculative decoding switched on (greedy requests)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.serve", "--config=configs/serve.py:smoke", f"--config.port={port}",
-         "--config.engine.max_decode_steps=2", f"--workdir={tmp_path}"],
+         "--config.engine.max_decode_steps=2", "--config.speculative.draft_layers=1",
+         "--config.speculative.num_draft=1", f"--workdir={tmp_path}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def alive():
@@ -65,6 +67,7 @@ def test_serve_answers_then_drains_on_sigterm_and_exits_0(tmp_path):
         assert proc.wait(timeout=120) == 0
         results = json.load(open(tmp_path / "results.json"))
         assert results["requests_finished"] >= 2 and results["kv_pages_used"] == 0
+        assert results["speculative_proposed"] > 0  # greedy requests decoded with the self-draft
     finally:
         if proc.poll() is None:
             proc.kill()

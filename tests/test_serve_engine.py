@@ -235,3 +235,16 @@ def test_static_batching_keeps_its_admitted_width_until_the_batch_drains(model, 
     while engine.has_unfinished():
         engine.step()
     assert widths and set(widths) == {8}  # 5 admitted -> bucket 8, also once only the long request is left
+
+
+@pytest.mark.parametrize("num_draft", [3])
+def test_self_speculative_decoding_in_the_engine_gives_the_greedy_tokens(model, prompts, reference, num_draft):
+    from llmopt_jax.serve.speculative import SelfSpeculativeDecode
+
+    strategy = SelfSpeculativeDecode(draft_layers=1, num_draft=num_draft)
+    engine = Engine(*model, EngineConfig(page_size=4, num_pages=128, max_running=8, prefill_budget=32,
+                                         max_decode_steps=8, min_batch_bucket=4), decode_strategy=strategy)
+    got = run_with_arrivals(engine, prompts, SamplingParams(max_tokens=MAX_NEW), 0)
+    assert got == reference
+    assert strategy.rounds > 0 and 0 <= strategy.accepted <= strategy.proposed
+    assert engine.metrics()["kv_pages_used"] == 0

@@ -456,6 +456,9 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "executables": self._prefill._cache_size() + self._decode._cache_size() + self._forward._cache_size(),
             **dataclasses.asdict(s),
+            **({"speculative_proposed": self.decode_strategy.proposed,
+                "speculative_accepted": self.decode_strategy.accepted}
+               if hasattr(self.decode_strategy, "proposed") else {}),
         }
 
 

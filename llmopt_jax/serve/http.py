@@ -445,6 +445,10 @@ def prometheus_text(async_engine: AsyncEngine) -> str:
     metric("generation_tokens_per_s", "gauge", "Tokens generated per second over the last 10 s.",
            f"{async_engine.tokens_per_s():.6g}")
     metric("engine_steps_total", "counter", "Engine steps run.", m["steps"])
+    if "speculative_proposed" in m:
+        metric("speculative_draft_tokens_total", "counter", "Draft tokens proposed.", m["speculative_proposed"])
+        metric("speculative_accepted_tokens_total", "counter", "Draft tokens the target kept.",
+               m["speculative_accepted"])
     metric("engine_step_errors_total", "counter", "Engine steps that raised.", async_engine.step_errors)
     lines += ["# HELP llmopt_ttft_seconds Time from arrival to the first generated token.",
               "# TYPE llmopt_ttft_seconds histogram"]
