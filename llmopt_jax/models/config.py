@@ -12,7 +12,7 @@ from llmopt_jax.errors import ConfigError
 # xla_causal: xla, skipping score blocks that causality masks; only for positions that ascend along each
 # sequence (the default 0..L-1 without a cache; with a cache it is plain xla).
 ATTENTION_IMPLS = ("xla", "xla_causal", "dot_product", "cudnn")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload_dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MOE_DISPATCH = ("dropless", "capacity")
 MOE_GATING = ("softmax_topk", "switch", "unit")

@@ -23,6 +23,9 @@ REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Like dots_no_batch, but the saved matmul outputs wait for the backward pass in host memory (JAX memory
+    # kinds): activation memory moves off the accelerator at the cost of device<->host copies.
+    "offload_dots_no_batch": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 

@@ -169,8 +169,9 @@ def train(config: ConfigDict, workdir: str) -> dict:
         graphdef = finetune.graphdef
         state, shardings = finetune.init_state(optimizer)
     else:
-        graphdef, state, shardings = init_train_state(model_cfg, optimizer, mesh, rules, seed=int(config.seed),
-                                                      dot_general=dot_general, initial_params=initial_params)
+        graphdef, state, shardings = init_train_state(
+            model_cfg, optimizer, mesh, rules, seed=int(config.seed), dot_general=dot_general,
+            initial_params=initial_params, offload_optimizer=bool(config.train.get("offload_optimizer", False)))
     del initial_params
     num_params = finetune.num_params if finetune else sum(
         int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))

@@ -126,13 +126,16 @@ def train_step(
     return new_state, {**loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def train_state_shardings(params, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """Shardings of the train state for ``params`` (concrete or abstract): step replicated, the rest by rules."""
-    return {
-        "step": NamedSharding(mesh, PartitionSpec()),
-        "params": tree_shardings(params, mesh, rules),
-        "opt_state": tree_shardings(jax.eval_shape(optimizer.init, params), mesh, rules),
-    }
+def train_state_shardings(params, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                          offload_optimizer: bool = False):
+    """Shardings of the train state for ``params`` (concrete or abstract): step replicated, the rest by rules.
+    ``offload_optimizer``: the optimizer state lives in host memory (memory kind ``pinned_host``; ZeRO-Offload's
+    placement, the update itself still runs on the device)."""
+    opt = tree_shardings(jax.eval_shape(optimizer.init, params), mesh, rules)
+    if offload_optimizer:
+        opt = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt)
+    return {"step": NamedSharding(mesh, PartitionSpec()), "params": tree_shardings(params, mesh, rules),
+            "opt_state": opt}
 
 
 def init_train_state(
@@ -143,6 +146,7 @@ def init_train_state(
     seed: int = 0,
     dot_general: Callable = jax.lax.dot_general,
     initial_params: dict | None = None,
+    offload_optimizer: bool = False,
 ) -> tuple[nnx.GraphDef, TrainState, Any]:
     """``(graphdef, state, state_shardings)`` with parameters and optimizer moments created sharded.
 
@@ -153,7 +157,7 @@ def init_train_state(
         graphdef, params = init_model(cfg, mesh, rules, seed, dot_general)
     else:
         graphdef, params = load_params(cfg, initial_params, mesh, rules, dot_general)
-    shardings = train_state_shardings(params, optimizer, mesh, rules)
+    shardings = train_state_shardings(params, optimizer, mesh, rules, offload_optimizer)
     state = {
         "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
         "params": params,
@@ -176,16 +180,22 @@ def jit_train_step(
     Without ``combine`` the step is ``step(state, batch)``; with it, ``step(state, batch, frozen)`` where
     ``frozen`` (placed as ``frozen_shardings``) is read, never donated or updated."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    on_device = jax.tree.map(lambda s: s.with_memory_kind("device"), state_shardings["opt_state"])
+    offloaded = any(s.memory_kind == "pinned_host" for s in jax.tree.leaves(state_shardings["opt_state"]))
+
+    def fetch(state):  # an offloaded optimizer state comes to the device for the update, and goes back after it
+        return {**state, "opt_state": jax.device_put(state["opt_state"], on_device)} if offloaded else state
+
     if combine is None:
 
         def step(state, batch):
-            return train_step(state, batch, graphdef=graphdef, optimizer=optimizer)
+            return train_step(fetch(state), batch, graphdef=graphdef, optimizer=optimizer)
 
         in_shardings = (state_shardings, batch_sharding(mesh, rules))
     else:
 
         def step(state, batch, frozen):
-            return train_step(state, batch, frozen, graphdef=graphdef, optimizer=optimizer, combine=combine)
+            return train_step(fetch(state), batch, frozen, graphdef=graphdef, optimizer=optimizer, combine=combine)
 
         in_shardings = (state_shardings, batch_sharding(mesh, rules), frozen_shardings)
     return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
