@@ -37,6 +37,9 @@ _EXPORTS = {
     "sparsegpt": "llmopt_jax.compress.recipe", "rtn": "llmopt_jax.compress.recipe",
     "gptq": "llmopt_jax.compress.recipe", "chain": "llmopt_jax.compress.recipe",
     "QuantGrid": "llmopt_jax.compress.quantize", "compress_sequentially": "llmopt_jax.compress.calibrate",
+    # mixture of experts: MoEfication and QMoE
+    "moefy": "llmopt_jax.compress.moefy", "quantize_experts": "llmopt_jax.compress.qmoe",
+    "pack_experts": "llmopt_jax.compress.qmoe", "expert_storage": "llmopt_jax.compress.qmoe",
     # data
     "calibration_windows": "llmopt_jax.data.text", "load_texts": "llmopt_jax.data.text",
     "stdlib_docstrings_text": "llmopt_jax.data.text", "python_license_text": "llmopt_jax.data.text",
