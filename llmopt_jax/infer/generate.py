@@ -153,10 +153,16 @@ class Generator:
     the same bucket never recompile.
     """
 
-    def __init__(self, graphdef, params: nnx.State | None = None, cache_dtype=None, steps_per_dispatch: int = 8):
+    def __init__(self, graphdef, params: nnx.State | None = None, cache_dtype=None,
+                 steps_per_dispatch: int | None = None):
+        # Decode steps per device call (no host sync in between). Default 8 on accelerators, where the per-token
+        # round trip dominates a small model's step; 1 on CPU, where a step takes tens of milliseconds, the round
+        # trip a fraction of one, and the while loop's longer compile would be the only effect.
+        if steps_per_dispatch is None:
+            steps_per_dispatch = 1 if jax.default_backend() == "cpu" else 8
         if steps_per_dispatch < 1:
             raise ConfigError(f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}")
-        self.steps_per_dispatch = steps_per_dispatch  # decode steps per device call (no host sync in between)
+        self.steps_per_dispatch = steps_per_dispatch
         if params is None:  # a model object
             graphdef, params = graphdef.graphdef, graphdef.params
         self.graphdef = graphdef
