@@ -92,6 +92,8 @@ def plot(rows: list[dict], path: str, default_damp: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from llmopt_jax.compress.study import finish_text_panels
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"sparsegpt": "tab:blue", "wanda": "tab:green", "magnitude": "tab:red"}
     base, base_len = (rows[0]["sources"], rows[0]["seq_len"]) if rows else ("topics", 512)
@@ -109,15 +111,7 @@ def plot(rows: list[dict], path: str, default_damp: float) -> None:
                 ax.scatter([r["num_samples"]], [r[f"perplexity_{text}"]], marker="^" if other_damp else "s",
                            color=color)
                 ax.annotate(label, (r["num_samples"], r[f"perplexity_{text}"]), fontsize=7)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("calibration windows")
-        ax.set_ylabel("perplexity")
-        ax.set_title(f"{text}-domain text")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_text_panels(fig, axes, path, "calibration windows", log_y=False, legend_size=7)
 
 
 def main(config, workdir):

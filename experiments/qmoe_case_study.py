@@ -194,6 +194,8 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from llmopt_jax.compress.study import finish_text_panels
+
     colors = {"dense": "black", "moe": "gray", "rtn_ternary": "tab:red", "gptq_ternary": "tab:blue",
               "rtn_2bit": "tab:orange", "gptq_2bit": "tab:purple"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -201,16 +203,7 @@ def plot(rows: list[dict], path: str) -> None:
         for r in rows:
             ax.scatter(r["bits_per_expert_param"], r[f"ppl_{text}"], color=colors.get(r["label"], "k"),
                        marker="*" if r["label"] in ("dense", "moe") else "o", s=50, label=r["label"])
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("bits per expert (MLP) parameter, from the bytes held")
-        ax.set_title(f"{text}-domain text")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("perplexity (log)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_text_panels(fig, axes, path, "bits per expert (MLP) parameter, from the bytes held")
 
 
 def main(config, workdir):

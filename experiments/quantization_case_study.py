@@ -133,6 +133,8 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from llmopt_jax.compress.study import finish_text_panels
+
     styles = {"rtn": ("tab:red", "o"), "gptq": ("tab:blue", "s"), "sparsegpt_gptq": ("tab:purple", "D"),
               "smoothquant": ("tab:orange", "^"), "w8a8": ("tab:brown", "v"), "qat": ("tab:green", "P"), "float32": ("black", "*"),
               "bfloat16": ("gray", "*")}
@@ -147,16 +149,8 @@ def plot(rows: list[dict], path: str) -> None:
             seen.add(name)
         front = pareto_front([(r["bits_per_weight"], r[f"perplexity_{text}"]) for r in rows])
         ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("stored bits per weight of the block linear layers (scales included)")
-        ax.set_title(f"{text}-domain text")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("perplexity (log)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_text_panels(fig, axes, path, "stored bits per weight of the block linear layers (scales included)",
+                       legend_size=7)
 
 
 def evaluate_row(config, model, calib, texts, r: dict):

@@ -195,3 +195,23 @@ def decode_tokens_per_s(model, prompt: list[int], new_tokens: int, repeats: int)
     gen = Generator(model)
     gen.generate([prompt], new_tokens)
     return statistics.median(gen.generate([prompt], new_tokens).decode_tokens_per_s for _ in range(repeats))
+
+
+def finish_text_panels(fig, axes, path: str, xlabel: str, *, log_y: bool = True, legend_size: int = 8) -> None:
+    """Labels a case study's figure of one panel per evaluation text (``axes`` in the order close, far): x on a
+    log2 scale labelled ``xlabel``, perplexity on y (log scale with ``log_y``), titles, grid and a legend on the
+    first panel; saves it to ``path`` and closes it."""
+    import matplotlib.pyplot as plt
+
+    for ax, text in zip(axes, ("close", "far")):
+        ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{text}-domain text")
+        ax.grid(alpha=0.3, which="both" if log_y else "major")
+    axes[0].set_ylabel("perplexity (log)" if log_y else "perplexity")
+    axes[0].legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
