@@ -165,8 +165,8 @@ def free_port() -> int:
 
 
 def wait_until_healthy(url: str, timeout: float, check: Callable[[], None] = lambda: None,
-                       interval: float = 0.25) -> bool:
-    """Polls ``url/health`` until it answers 200 (True) or ``timeout`` seconds pass (False); ``check`` runs before
+                       interval: float = 0.25, path: str = "/health") -> bool:
+    """Polls ``url + path`` until it answers 200 (True) or ``timeout`` seconds pass (False); ``check`` runs before
     each poll and may raise (e.g. when the server process has exited)."""
     import httpx
 
@@ -174,7 +174,7 @@ def wait_until_healthy(url: str, timeout: float, check: Callable[[], None] = lam
     while True:
         check()
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
@@ -184,11 +184,13 @@ def wait_until_healthy(url: str, timeout: float, check: Callable[[], None] = lam
 
 
 class ServerProcess:
-    """A server subprocess on 127.0.0.1: started, waited for (``/health`` within ``startup_timeout``), stopped with
+    """A server subprocess on 127.0.0.1: started, waited for (``health_path`` answering 200 within
+    ``startup_timeout``; llama-cpp-python's server has no ``/health``, it passes ``/v1/models``), stopped with
     SIGTERM (then SIGKILL after ``stop_timeout``) on exit, also when the benchmark fails."""
 
     def __init__(self, argv: list[str], port: int, log_path: str, startup_timeout: float, stop_timeout: float = 60.0,
-                 cwd: str | None = None, env: dict | None = None):
+                 cwd: str | None = None, env: dict | None = None, health_path: str = "/health"):
+        self.health_path = health_path
         self.argv, self.port, self.log_path = argv, port, log_path
         self.startup_timeout, self.stop_timeout = startup_timeout, stop_timeout
         self.cwd, self.env = cwd, env
@@ -205,7 +207,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} during startup; see {self.log_path}")
 
-        if not wait_until_healthy(self.url, self.startup_timeout, alive):
+        if not wait_until_healthy(self.url, self.startup_timeout, alive, path=self.health_path):
             self.__exit__(None, None, None)
             raise RuntimeError(f"server not healthy after {self.startup_timeout:.0f} s; see {self.log_path}")
         return self

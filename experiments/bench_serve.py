@@ -77,11 +77,14 @@ def main(config, workdir):
         port = free_port()
         log = os.path.join(workdir, f"server_{engine}.log")
         if engine == "llamacpp":
-            if importlib.util.find_spec("llama_cpp") is None:
-                print("llamacpp: llama-cpp-python is not installed (pip install '.[reference]'); null results",
+            why = ("llama-cpp-python not installed" if importlib.util.find_spec("llama_cpp") is None else
+                   "the smoke model is random and has no GGUF" if config.model == "smoke" and not config.llamacpp_gguf
+                   else "")
+            if why:
+                print(f"llamacpp: skipped ({why}; pip install '.[reference]' for llama.cpp); null results",
                       file=sys.stderr)
                 results.update({f"llamacpp_{k}": None for k in REPORTED})
-                results["llamacpp_skipped"] = "llama-cpp-python not installed"
+                results["llamacpp_skipped"] = why
                 continue
             gguf = config.llamacpp_gguf or _write_f32_gguf(config.model, os.path.join(workdir, "model_f32.gguf"))
             argv = llamacpp_argv(gguf, port, base["max_model_len"], config.threads, config.concurrency)
@@ -91,7 +94,8 @@ def main(config, workdir):
                               overrides(engine))
             model_name = os.path.basename(config.model)
         print(f"{engine}: starting the server on port {port}", file=sys.stderr, flush=True)
-        with ServerProcess(argv, port, log, config.startup_timeout, cwd=ROOT, env=env) as server:
+        health = "/v1/models" if engine == "llamacpp" else "/health"
+        with ServerProcess(argv, port, log, config.startup_timeout, cwd=ROOT, env=env, health_path=health) as server:
             summary = measure(engine, server, model_name)
         results.update({f"{engine}_{k}": summary[k] for k in REPORTED})
         results[f"{engine}_errors"] = summary["errors"]
@@ -111,9 +115,10 @@ def main(config, workdir):
     _plot(results, engines, os.path.join(workdir, "throughput_latency.png"))
     for engine in engines:
         tps = results.get(f"{engine}_output_tokens_per_s")
-        if tps is not None:
-            print(f"{engine:>11}: {tps:8.1f} output tok/s  TTFT p99 {results[f'{engine}_ttft_p99_s']:.3f} s  "
-                  f"e2e p50 {results[f'{engine}_e2e_p50_s']:.2f} s  failed {results[f'{engine}_failed']}")
+        if tps is not None:  # latencies are None when every request of an engine failed
+            show = lambda key, spec: "n/a" if results[key] is None else format(results[key], spec)  # noqa: E731
+            print(f"{engine:>11}: {tps:8.1f} output tok/s  TTFT p99 {show(f'{engine}_ttft_p99_s', '.3f')} s  "
+                  f"e2e p50 {show(f'{engine}_e2e_p50_s', '.2f')} s  failed {results[f'{engine}_failed']}")
 
 
 def _write_f32_gguf(model: str, path: str) -> str:
