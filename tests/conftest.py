@@ -51,6 +51,14 @@ def run_cli(args, env_extra=None, timeout=600, **kwargs):
     )
 
 
+def assert_one_line_error(proc, fragment: str) -> None:
+    """``proc`` (a finished CLI run) exited with status 2 and its last stderr line is ``error: ...`` naming
+    ``fragment``."""
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and fragment in last, proc.stderr
+
+
 @pytest.fixture
 def tiny_config():
     return load_config("train", "tiny")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from llmopt_jax.compress.quantize import QuantGrid, gptq_quantize
 from test_bench_prune import problem, relative_error
 
@@ -65,6 +65,4 @@ def test_bench_quantize_smoke_without_torch(tmp_path):
 def test_bad_input_one_line(tmp_path, override, fragment):
     proc = run_cli(["experiments.bench_quantize", "--config=configs/bench_quantize.py:smoke", "--config.torch=False",
                     "--config.sizes=128", override, f"--workdir={tmp_path}"])
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and fragment in last, proc.stderr
+    assert_one_line_error(proc, fragment)

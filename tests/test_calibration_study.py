@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from experiments.calibration_study import parse_variant
 from llmopt_jax.errors import ConfigError
 
@@ -62,6 +62,4 @@ def test_smoke_study_runs_and_resumes(tmp_path):
 def test_bad_config_one_line(tmp_path, override, fragment):
     proc = run_cli(["experiments.calibration_study", "--config=configs/calibration_study.py:smoke", override,
                     f"--workdir={tmp_path}"])
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and fragment in last, proc.stderr
+    assert_one_line_error(proc, fragment)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +76,4 @@ def test_bad_input_one_line(tmp_path, override, fragment):
     overrides = override.format(short=short).split()
     proc = run_cli(["experiments.compress", "--config=configs/compress.py:smoke", *overrides,
                     f"--workdir={tmp_path}/run"])
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and fragment in last, proc.stderr
+    assert_one_line_error(proc, fragment)

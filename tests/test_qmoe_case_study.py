@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from llmopt_jax.compress.moe_scale import SWITCH_SPECS, abstract_switch_params, count_params, scale_table
 
 
@@ -33,9 +33,7 @@ def test_switch_shapes_match_the_published_sizes_and_allocate_nothing():
 def test_bad_input_one_line(tmp_path, override, fragment):
     proc = run_cli(["experiments.qmoe_case_study", "--config=configs/qmoe_case_study.py:smoke", "--config.rows=moe",
                     override, f"--workdir={tmp_path}/run"])
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and fragment in last, proc.stderr
+    assert_one_line_error(proc, fragment)
 
 
 @pytest.mark.slow

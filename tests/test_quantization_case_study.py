@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from experiments.quantization_case_study import grid, label, pareto_front, row_key, storage_format
 
 
@@ -39,9 +39,7 @@ def test_pareto_front():
 def test_bad_input_one_line(tmp_path, override, fragment):
     proc = run_cli(["experiments.quantization_case_study", "--config=configs/quantization_case_study.py:smoke",
                     override, f"--config.qat_model={tmp_path}/none", f"--workdir={tmp_path}/run"])
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and fragment in last, proc.stderr
+    assert_one_line_error(proc, fragment)
 
 
 @pytest.mark.slow
