@@ -96,13 +96,14 @@ def _processed(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
 
 
 def verify_drafts(
-    target_logits: jax.Array, draft_logits: jax.Array, drafts: jax.Array, key: jax.Array, sampling: SamplingConfig
+    target_logits: jax.Array, draft_logits: jax.Array | None, drafts: jax.Array, key: jax.Array | None,
+    sampling: SamplingConfig,
 ) -> tuple[jax.Array, jax.Array]:
     """The acceptance rule alone, for callers that run the two models themselves (a serving engine, paged caches).
 
     ``target_logits`` float ``[B, k + 1, V]``: the target's raw logits after ``last, d_1 .. d_k``; ``draft_logits``
     float ``[B, k, V]``: the draft's logits each ``d_i`` was drawn from, already through :func:`filter_logits` when
-    sampling (raw is fine when greedy); ``drafts`` int32 ``[B, k]``. Returns (``num_accepted`` int32 ``[B]`` in
+    sampling (unused when greedy: None is fine there, as is ``key``); ``drafts`` int32 ``[B, k]``. Returns (``num_accepted`` int32 ``[B]`` in
     ``0 .. k``, ``new_token`` int32 ``[B]``: the target's correction at the first rejection or its bonus token after
     ``d_k``). Greedy keeps ``d_i`` while it is the target's argmax; sampling keeps it with probability
     ``min(1, p/q)`` and draws the new token from ``max(0, p - q)`` renormalised (``p`` after ``d_k``).

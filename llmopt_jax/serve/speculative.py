@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmopt_jax.errors import ConfigError
+from llmopt_jax.infer.generate import SamplingConfig
+from llmopt_jax.infer.speculative import verify_drafts
 from llmopt_jax.serve.kv_pages import PagedKV
 
 
@@ -78,15 +80,15 @@ class SelfSpeculativeDecode:
             tokens = np.concatenate([last[:, None], drafts], axis=1)
             valid = np.asarray([k + 1 if r is not None else 0 for r in rows], np.int32)
             logits, engine.kv = engine._forward(engine.params, engine.kv, tokens, starts, valid, table, None)
-            target = np.asarray(jnp.argmax(logits, axis=-1))  # [b, k + 1]
+            # infer/speculative.py's acceptance rule, greedy: no draft logits or key needed
+            num_kept, new_token = map(np.asarray, verify_drafts(logits, None, jnp.asarray(drafts), None,
+                                                                SamplingConfig(greedy=True)))
             self.rounds += 1
             for i, s in enumerate(fast):
-                kept = 0
-                while kept < k and drafts[i, kept] == target[i, kept]:
-                    kept += 1
+                kept = int(num_kept[i])
                 self.proposed += k
                 self.accepted += kept
-                emitted = [int(t) for t in drafts[i, :kept]] + [int(target[i, kept])]
+                emitted = [int(t) for t in drafts[i, :kept]] + [int(new_token[i])]
                 emitted = emitted[:min(steps, s.remaining)]
                 stop = next((j for j, t in enumerate(emitted) if t in s.params.stop_ids), None)
                 if stop is not None:
