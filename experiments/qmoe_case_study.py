@@ -138,41 +138,35 @@ def compress_experts(config, moe, calib, label: str):
         numbers["other_codec"] = {"codec": other, "bits_per_expert_param": alt["bits_per_param"],
                                   "bits_per_expert_param_without_dictionary": alt["bits_per_param_without_dictionary"]}
     else:
-        numbers["zero_fraction"] = expert_zero_fraction(deq, moe.cfg)
+        numbers["zero_fraction"] = zero_fraction(mlp_kernels(deq, moe.cfg))
     return model, numbers
 
 
-def expert_zero_fraction(pure: dict, cfg) -> float:
-    """Fraction of exact zeros over the expert kernels of ``pure`` (float)."""
+def mlp_kernels(pure: dict, cfg) -> list:
+    """Every layer's float MLP kernels as NumPy: the expert stacks ``[E, in, out]`` of a MoE layer, the dense
+    ``gate/up/down`` kernels otherwise."""
     import numpy as np
 
     from llmopt_jax.compress.qmoe import EXPERT_LINEARS
     from llmopt_jax.models.layout import layer_params
 
-    kernels = [np.asarray(layer_params(pure["layers"], i, cfg.scan_layers)["moe"][n]["kernel"])
-               for i in cfg.moe_layer_indices() for n in EXPERT_LINEARS]
+    blocks = [layer_params(pure["layers"], i, cfg.scan_layers) for i in range(cfg.num_layers)]
+    return [np.asarray((b["moe"] if "moe" in b else b)[n]["kernel"]) for b in blocks for n in EXPERT_LINEARS]
+
+
+def zero_fraction(kernels: list) -> float:
+    """Fraction of exact zeros over ``kernels``."""
     return float(sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels))
 
 
 def float_row(model, label: str) -> dict:
     """Bytes and bits of the MLP weights as ``model`` holds them (float): experts for a MoE, the MLP if dense."""
-    import numpy as np
     from flax import nnx
 
-    from llmopt_jax.compress.qmoe import EXPERT_LINEARS, expert_storage
-    from llmopt_jax.models.layout import layer_params
-
-    pure = nnx.to_pure_dict(model.params)
-    if model.cfg.num_experts:
-        return {**expert_storage(pure), "zero_fraction": expert_zero_fraction(pure, model.cfg),
-                "seconds_compress": 0.0, "method": label}
-    kernels = [np.asarray(layer_params(pure["layers"], i, model.cfg.scan_layers)[n]["kernel"])
-               for i in range(model.cfg.num_layers) for n in EXPERT_LINEARS]
-    params = sum(k.size for k in kernels)
-    numbers = {"expert_bytes": int(sum(k.nbytes for k in kernels)), "expert_params": int(params),
-               "bits_per_expert_param": 8.0 * sum(k.nbytes for k in kernels) / params,
-               "zero_fraction": float(sum(int((k == 0).sum()) for k in kernels) / params)}
-    return {**numbers, "seconds_compress": 0.0, "method": label}
+    kernels = mlp_kernels(nnx.to_pure_dict(model.params), model.cfg)
+    nbytes, params = sum(k.nbytes for k in kernels), sum(k.size for k in kernels)
+    return {"expert_bytes": int(nbytes), "expert_params": int(params), "bits_per_expert_param": 8.0 * nbytes / params,
+            "zero_fraction": zero_fraction(kernels), "seconds_compress": 0.0, "method": label}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -276,8 +270,8 @@ def main(config, workdir):
                "close_text": config.eval.close_text_file or "stdlib docstrings",
                "far_text": config.eval.far_text_file or "Python LICENSE.txt", "backend": jax.default_backend()}
     ternary = [r for r in rows if r["label"] in ("gptq_ternary", "rtn_ternary")]
-    if ternary:
-        bits = ternary[-1]["bits_per_expert_param"]  # GPTQ's when it ran (rows run RTN first)
+    if ternary:  # at GPTQ's rate when that row ran (QMoE's method), else RTN's
+        bits = next((r for r in ternary if r["label"] == "gptq_ternary"), ternary[0])["bits_per_expert_param"]
         seconds = None
         if config.scale.measure_solve and not config.report_only:
             seconds = {name: time_expert_solve(spec) for name, spec in SWITCH_SPECS.items()}
