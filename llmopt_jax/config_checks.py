@@ -132,6 +132,9 @@ def check_finetune_settings(config: Mapping) -> None:
         raise ConfigError("lora.targets is empty: name some of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     if not config.get("init_from", ""):
         raise ConfigError("LoRA fine-tunes a pretrained model: set init_from (a model name or path)")
+    if bool(config["train"].get("offload_optimizer", False)):  # the adapters' optimizer state is not placed by it
+        raise ConfigError("train.offload_optimizer does not apply to LoRA fine-tuning (the adapters' optimizer "
+                          "state is small and stays on the device); leave it False")
     if int(lora.get("base_bits", 0)) not in (0, 2, 3, 4, 8):
         raise ConfigError(f"lora.base_bits={lora['base_bits']}: 0 (float base) or 2, 3, 4, 8 (packed)")
     group = int(lora.get("base_group_size", 64))

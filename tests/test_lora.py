@@ -97,6 +97,13 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="unknown layer"):
         L.LoraConfig(targets=("qkv",))
     assert L.LoraConfig.from_mapping({"rank": 2, "alpha": 4, "targets": "q_proj, v_proj"}).targets == ("q_proj", "v_proj")
+    from llmopt_jax.config_checks import check_train_settings
+
+    config = load_config("train", "lora_smoke")
+    check_train_settings(config)
+    config.train.offload_optimizer = True  # would otherwise be ignored silently: the adapters' state is placed apart
+    with pytest.raises(ConfigError, match="offload_optimizer does not apply to LoRA"):
+        check_train_settings(config)
 
 
 def test_only_adapters_train(tiny_cfg):
