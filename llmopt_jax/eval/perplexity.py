@@ -83,7 +83,8 @@ def perplexity_of(
 
     ``max_windows > 0`` evaluates only the first windows (0 or -1: all). With a ``mesh``, each batch is split over the
     axes ``act_batch`` maps to (``batch_size`` must divide by them). The last batch is padded with copies
-    of a real window whose scores are discarded, so the function compiles once.
+    of a real window whose scores are discarded, so the function compiles once; without a mesh a text of fewer
+    windows than ``batch_size`` is one batch of just those windows.
     """
     check_eval_tokens(tokens, seq_len)
     if batch_size < 1:
@@ -95,7 +96,9 @@ def perplexity_of(
         windows = windows[:max_windows]
     n = len(windows)
     sharding = None
-    if mesh is not None:
+    if mesh is None:
+        batch_size = min(batch_size, n)  # fewer windows than a batch: no padding windows to compute and discard
+    else:
         check_batch_fits_mesh(batch_size, mesh, rules, what="eval.batch_size")
         sharding = NamedSharding(mesh, logical_to_spec(("act_batch", None), rules, mesh))
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())

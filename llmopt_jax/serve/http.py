@@ -492,12 +492,17 @@ def make_server(app, async_engine: AsyncEngine, host: str = "127.0.0.1", port: i
             self.draining_since = time.monotonic()
             app.state.draining = True
 
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            # Called before the event loop serves the first request on the new sockets: whoever sees the server
+            # answer (/health) also finds what on_ready wrote (server.json), with no window in between.
+            if self.started and on_ready is not None:
+                on_ready()
+
         async def on_tick(self, counter: int) -> bool:
             if self.draining_since is not None and (
                     async_engine.num_in_flight == 0 or time.monotonic() - self.draining_since > drain_timeout):
                 self.should_exit = True
-            if counter == 1 and on_ready is not None:
-                on_ready()
             return await super().on_tick(counter)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
