@@ -232,7 +232,13 @@ def serve_argv(preset: str, model: str, port: int, workdir: str, overrides: dict
     return argv + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def llamacpp_argv(gguf: str, port: int, n_ctx: int, threads: int, parallel: int) -> list[str]:
-    """llama-cpp-python's OpenAI-compatible server on ``gguf``."""
+def llamacpp_argv(gguf: str, port: int, n_ctx: int, threads: int) -> list[str]:
+    """llama-cpp-python's OpenAI-compatible server on ``gguf``.
+
+    It runs one request at a time. ``--interrupt_requests False``: by default a request that arrives while another
+    is streaming ends that stream early (``[DONE]`` after a few tokens, then "ASGI callable returned without
+    completing response"), so under concurrent load every stream but the last was cut; queued instead, each request
+    gets its whole answer and its wait shows in its TTFT."""
     return [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", LOOPBACK, "--port", str(port),
-            "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--model_alias", "model"]
+            "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--model_alias", "model",
+            "--interrupt_requests", "False"]

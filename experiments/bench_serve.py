@@ -87,7 +87,7 @@ def main(config, workdir):
                 results["llamacpp_skipped"] = why
                 continue
             gguf = config.llamacpp_gguf or _write_f32_gguf(config.model, os.path.join(workdir, "model_f32.gguf"))
-            argv = llamacpp_argv(gguf, port, base["max_model_len"], config.threads, config.concurrency)
+            argv = llamacpp_argv(gguf, port, base["max_model_len"], config.threads)
             model_name = "model"
         else:
             argv = serve_argv(config.serve_preset, config.model, port, os.path.join(workdir, f"server_{engine}"),
@@ -95,7 +95,11 @@ def main(config, workdir):
             model_name = os.path.basename(config.model)
         print(f"{engine}: starting the server on port {port}", file=sys.stderr, flush=True)
         health = "/v1/models" if engine == "llamacpp" else "/health"
-        with ServerProcess(argv, port, log, config.startup_timeout, cwd=ROOT, env=env, health_path=health) as server:
+        # llama.cpp's OpenMP threads spin while idle unless told not to; on a 2-core machine the load generator
+        # then waits behind them.
+        server_env = {**env, "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "PASSIVE")} if engine == "llamacpp" else env
+        with ServerProcess(argv, port, log, config.startup_timeout, cwd=ROOT, env=server_env,
+                           health_path=health) as server:
             summary = measure(engine, server, model_name)
         results.update({f"{engine}_{k}": summary[k] for k in REPORTED})
         results[f"{engine}_errors"] = summary["errors"]

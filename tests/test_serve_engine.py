@@ -248,3 +248,51 @@ def test_self_speculative_decoding_in_the_engine_gives_the_greedy_tokens(model, 
     assert got == reference
     assert strategy.rounds > 0 and 0 <= strategy.accepted <= strategy.proposed
     assert engine.metrics()["kv_pages_used"] == 0
+
+
+def test_logprobs_are_the_models_log_softmax_at_every_generated_token(model, prompts):
+    """Greedy and sampled requests, mixed with requests that ask for none, several tokens per dispatch and a
+    prompt split in chunks: each token's log-probability and its top alternatives equal a full forward pass of the
+    prompt plus the answer. (The layer layouts differ only in the forward, which the tests above compare.)"""
+    graphdef, params = model
+    engine = Engine(graphdef, params, EngineConfig(page_size=4, num_pages=128, prefill_budget=6, max_decode_steps=3))
+    asks = [SamplingParams(max_tokens=7, logprobs=3), SamplingParams(max_tokens=5),
+            SamplingParams(max_tokens=6, temperature=0.8, seed=1, logprobs=0)]
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:3], asks)]
+    tokens = {i: [] for i in ids}
+    logprobs = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens[o.request_id] += o.token_ids
+            if o.logprobs is None:
+                assert asks[ids.index(o.request_id)].logprobs is None
+            else:
+                assert [lp.token_id for lp in o.logprobs] == o.token_ids
+                logprobs[o.request_id] += o.logprobs
+    module = nnx.merge(graphdef, params)
+    for rid, prompt, sp in zip(ids, prompts[:3], asks):
+        if sp.logprobs is None:
+            assert logprobs[rid] == []
+            continue
+        full = jnp.asarray([prompt + tokens[rid]], jnp.int32)
+        reference = np.asarray(jax.nn.log_softmax(module(full)[0].astype(jnp.float32), axis=-1))[0]
+        got = logprobs[rid]
+        assert len(got) == len(tokens[rid]) == sp.max_tokens
+        for j, lp in enumerate(got):
+            row = reference[len(prompt) - 1 + j]
+            np.testing.assert_allclose(lp.logprob, row[lp.token_id], rtol=1e-4, atol=1e-4)
+            assert len(lp.top) == sp.logprobs
+            order = np.argsort(-row, kind="stable")[:sp.logprobs]
+            np.testing.assert_allclose([v for _, v in lp.top], row[order], rtol=1e-4, atol=1e-4)
+            if sp.temperature == 0 and lp.top:
+                assert lp.top[0][0] == lp.token_id  # greedy picks the most likely token
+
+
+def test_logprobs_bad_values_and_speculative_refusal(model):
+    with pytest.raises(ConfigError, match="logprobs must be in"):
+        SamplingParams(logprobs=21)
+    from llmopt_jax.serve.speculative import SelfSpeculativeDecode
+
+    engine = Engine(*model, EngineConfig(page_size=4, num_pages=32), decode_strategy=SelfSpeculativeDecode(1, 2))
+    with pytest.raises(ConfigError, match="not available with speculative decoding"):
+        engine.add_request([1, 2, 3], SamplingParams(logprobs=1))

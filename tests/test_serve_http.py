@@ -77,6 +77,47 @@ def test_openai_client_chat_plain_and_streamed(server):
     assert done.usage.prompt_tokens == 3 and done.object == "text_completion"
 
 
+def test_logprobs_chat_and_completions_plain_and_streamed(server):
+    url = server[0]
+    client = openai_client(url)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                           top_logprobs=2)
+    content = plain.choices[0].logprobs.content
+    assert len(content) == plain.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob  # greedy
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    no_logprobs = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    assert no_logprobs.choices[0].logprobs is None
+
+    streamed = client.completions.create(model=MODEL, prompt="abc", max_tokens=7, temperature=0, logprobs=1,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    tokens, offsets, text = [], [], ""
+    for c in chunks:
+        if c.choices and c.choices[0].logprobs is not None:
+            lp = c.choices[0].logprobs
+            assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+            assert all(len(top) == 1 for top in lp.top_logprobs)
+            tokens += lp.tokens
+            offsets += lp.text_offset
+        if c.choices:
+            text += c.choices[0].text
+    assert len(tokens) == chunks[-1].usage.completion_tokens
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    whole = client.completions.create(model=MODEL, prompt="abc", max_tokens=7, temperature=0, logprobs=1)
+    assert whole.choices[0].text == text and whole.choices[0].logprobs.tokens == tokens
+
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=TIMEOUT,
+                   json={"model": MODEL, "messages": messages, "top_logprobs": 2})
+    assert r.status_code == 400 and "top_logprobs needs logprobs=true" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT, json={"model": MODEL, "prompt": "a", "logprobs": 21})
+    assert r.status_code == 422
+
+
 def test_200_concurrent_requests_complete_with_exact_usage(server):
     url, _, async_engine, _ = server
 

@@ -36,7 +36,9 @@ from flax import nnx
 from llmopt_jax.errors import ConfigError
 from llmopt_jax.models.kv_cache import KVCache
 from llmopt_jax.serve.kv_pages import NULL_PAGE, PagedKV, PagePool, gather_pages, scatter_tokens
-from llmopt_jax.serve.scheduler import MODES, POLICIES, PrefillChunk, SamplingParams, Scheduler, Sequence_
+from llmopt_jax.serve.scheduler import (
+    MAX_TOP_LOGPROBS, MODES, POLICIES, PrefillChunk, SamplingParams, Scheduler, Sequence_,
+)
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -70,6 +72,16 @@ class EngineConfig:
             raise ConfigError(f"engine.max_model_len must be >= 0 (0 = the model's context), got {self.max_model_len}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model and the most likely tokens at its position
+    (``top``: ``(token id, log-probability)`` pairs, most likely first, as many as the request asked for)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclasses.dataclass
 class RequestOutput:
     """What one step produced for one request choice: new tokens/text, and at the end the finish reason."""
@@ -84,6 +96,7 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of ``token_ids`` when the request asked for them
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -160,35 +173,60 @@ def sample_rows(logits, key_data, index, temperature, top_k, top_p):
     return jnp.where(greedy, argmax, sampled)
 
 
+def token_logprobs(logits, chosen, want):
+    """Log-probabilities of ``chosen`` int32 ``[B]`` under float32 ``logits`` ``[B, V]`` (log-softmax, before any
+    temperature or truncation) and the ``MAX_TOP_LOGPROBS`` most likely tokens: ``(logprob [B], top_ids [B, K],
+    top_logprobs [B, K])``. Skipped (zeros) unless some row ``want`` s them: the top-k over the vocabulary is not free."""
+    b = logits.shape[0]
+    k = min(MAX_TOP_LOGPROBS, logits.shape[-1])
+
+    def compute():
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        top_lp, top_ids = jax.lax.top_k(lp, k)
+        return jnp.take_along_axis(lp, chosen[:, None], axis=1)[:, 0], top_ids.astype(jnp.int32), top_lp
+
+    def skip():
+        return jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)
+
+    return jax.lax.cond(jnp.any(want), compute, skip)
+
+
 def _prefill_fn(graphdef, params, kv, tokens, start, num_valid, page_table, logit_index, key_data, index, temperature,
-                top_k, top_p):
+                top_k, top_p, want_logprobs):
     logits, kv = forward(graphdef, params, kv, tokens, start, num_valid, page_table, logit_index)
-    return sample_rows(logits, key_data, index, temperature, top_k, top_p), kv
+    tok = sample_rows(logits, key_data, index, temperature, top_k, top_p)
+    return tok, token_logprobs(logits, tok, want_logprobs), kv
 
 
 def _decode_fn(graphdef, params, kv, tokens, starts, page_table, active, budget, stop_ids, key_data, index,
-               temperature, top_k, top_p, num_steps, *, max_steps: int):
+               temperature, top_k, top_p, want_logprobs, num_steps, *, max_steps: int, vocab_size: int):
     """Up to ``num_steps`` (traced, ``<= max_steps``) decode steps for ``[B]`` rows in one dispatch; a row stops at a
-    stop id or after ``budget[b]`` tokens. Returns (tokens int32 ``[B, max_steps]``, count int32 ``[B]``, pool).
-    The step count is an argument, not a shape, so one executable serves one step (while requests wait) and many."""
+    stop id or after ``budget[b]`` tokens. Returns (tokens int32 ``[B, max_steps]``, count int32 ``[B]``, the
+    :func:`token_logprobs` of each step stacked on axis 1, pool). The step count is an argument, not a shape, so one
+    executable serves one step (while requests wait) and many."""
     b = tokens.shape[0]
+    k = min(MAX_TOP_LOGPROBS, vocab_size)
 
     def cond(c):
         return (c[0] < num_steps) & ~jnp.all(c[3])
 
     def body(c):
-        i, kv, tok, done, count, out = c
+        i, kv, tok, done, count, out, (lp, top_ids, top_lp) = c
         logits, kv = forward(graphdef, params, kv, tok[:, None], starts + count, (~done).astype(jnp.int32),
                              page_table, jnp.zeros((b,), jnp.int32))
         nxt = sample_rows(logits, key_data, index + count, temperature, top_k, top_p)
+        step_lp, step_ids, step_top = token_logprobs(logits, nxt, want_logprobs & ~done)
         out = out.at[:, i].set(nxt)
+        lps = (lp.at[:, i].set(step_lp), top_ids.at[:, i].set(step_ids), top_lp.at[:, i].set(step_top))
         count = count + (~done).astype(jnp.int32)
         done = done | jnp.any(nxt[:, None] == stop_ids, axis=1) | (count >= budget)
-        return i + 1, kv, nxt, done, count, out
+        return i + 1, kv, nxt, done, count, out, lps
 
-    init = (jnp.int32(0), kv, tokens, ~active, jnp.zeros((b,), jnp.int32), jnp.zeros((b, max_steps), jnp.int32))
-    _, kv, _, _, count, out = jax.lax.while_loop(cond, body, init)
-    return out, count, kv
+    lps = (jnp.zeros((b, max_steps), jnp.float32), jnp.zeros((b, max_steps, k), jnp.int32),
+           jnp.zeros((b, max_steps, k), jnp.float32))
+    init = (jnp.int32(0), kv, tokens, ~active, jnp.zeros((b,), jnp.int32), jnp.zeros((b, max_steps), jnp.int32), lps)
+    _, kv, _, _, count, out, lps = jax.lax.while_loop(cond, body, init)
+    return out, count, lps, kv
 
 
 # ----------------------------------------------------------------------------------------------- decode strategies
@@ -231,8 +269,8 @@ class Engine:
         self.decode_strategy = decode_strategy or MultiStepDecode()
         self.requests: dict[tuple[str, int], Sequence_] = {}
         self._prefill = jax.jit(functools.partial(_prefill_fn, graphdef), donate_argnums=(1,))
-        self._decode = jax.jit(functools.partial(_decode_fn, graphdef, max_steps=config.max_decode_steps),
-                               donate_argnums=(1,))
+        self._decode = jax.jit(functools.partial(_decode_fn, graphdef, max_steps=config.max_decode_steps,
+                                                 vocab_size=self.cfg.vocab_size), donate_argnums=(1,))
         self._forward = jax.jit(functools.partial(forward, graphdef), donate_argnums=(1,))
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -249,6 +287,9 @@ class Engine:
         if n < 1:
             raise ConfigError(f"n must be positive, got {n}")
         self.scheduler.check_fits(len(prompt), params.max_tokens)
+        if params.logprobs is not None and not self.supports_logprobs:
+            raise ConfigError("logprobs are not available with speculative decoding (the drafts' tokens are "
+                              "verified without per-token log-probabilities)")
         request_id = request_id or f"req-{next(self._ids)}"
         if params.seed is None:
             params = dataclasses.replace(params, seed=int(np.random.randint(0, 2**31 - 1)))
@@ -272,6 +313,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def supports_logprobs(self) -> bool:
+        """Whether requests may ask for log-probabilities (not with a speculative decode strategy)."""
+        return isinstance(self.decode_strategy, MultiStepDecode)
+
     # ------------------------------------------------------------------------------------------- device calls
     def _page_table(self, seqs: Sequence[Sequence_ | None], min_slots: int) -> np.ndarray:
         """Padded page tables ``[len(seqs), P]`` with ``P`` a power of two covering ``min_slots`` positions."""
@@ -290,12 +336,14 @@ class Engine:
         key_data = np.zeros((b, 2), np.uint32)
         temp, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
         top_k, index = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        want = np.zeros(b, bool)
         for i, s in enumerate(seqs):
             if s is not None:
                 key_data[i] = s.key_data
                 temp[i], top_k[i], top_p[i] = s.params.temperature, s.params.top_k, s.params.top_p
                 index[i] = len(s.output)
-        return key_data, index, temp, top_k, top_p
+                want[i] = s.params.logprobs is not None
+        return key_data, index, temp, top_k, top_p, want
 
     def prefill(self, chunk: PrefillChunk) -> int | None:
         """Computes one prompt chunk's KV; returns the sampled next token when the chunk ends the prompt."""
@@ -306,11 +354,15 @@ class Engine:
         # The page table of a prefill always spans the whole context: prefill is compute-bound, so gathering unused
         # (null) pages costs little, and one table width means one executable per chunk length.
         table = self._page_table([seq], max(start + length, self.max_model_len))
-        tok, self.kv = self._prefill(
+        tok, lps, self.kv = self._prefill(
             self.params, self.kv, tokens, np.asarray([start], np.int32), np.asarray([n], np.int32), table,
             np.asarray([n - 1], np.int32), *self._sampling_arrays([seq]))
         seq.num_computed = start + n
-        return int(tok[0]) if chunk.completes else None
+        if not chunk.completes:
+            return None
+        tok = int(tok[0])
+        self._keep_logprobs(seq, [tok], *(np.asarray(a)[0, None] for a in lps))
+        return tok
 
     def decode(self, seqs: list[Sequence_], steps: int) -> list[list[int]]:
         """Up to ``steps`` tokens for each of ``seqs`` (pages for them already allocated) in one dispatch."""
@@ -329,13 +381,29 @@ class Engine:
             stop_ids[i, :len(stops[i])] = stops[i]
         steps = min(steps, self.config.max_decode_steps)
         table = self._page_table(rows, int(starts.max()) + steps)
-        out, count, self.kv = self._decode(
+        out, count, lps, self.kv = self._decode(
             self.params, self.kv, tokens, starts, table, active, budget, stop_ids, *self._sampling_arrays(rows),
             np.int32(steps))
         out, count = np.asarray(out), np.asarray(count)
+        new = [out[i, :count[i]].tolist() for i in range(len(seqs))]
+        if any(s.params.logprobs is not None for s in seqs):
+            lp, top_ids, top_lp = (np.asarray(a) for a in lps)
+            for i, s in enumerate(seqs):
+                self._keep_logprobs(s, new[i], lp[i], top_ids[i], top_lp[i])
         for i, s in enumerate(seqs):
             s.num_computed += int(count[i])
-        return [out[i, :count[i]].tolist() for i in range(len(seqs))]
+        return new
+
+    @staticmethod
+    def _keep_logprobs(seq: Sequence_, tokens: list[int], lp, top_ids, top_lp) -> None:
+        """Queues a :class:`TokenLogprob` per new token of ``seq`` (``lp`` ``[T]``, ``top_*`` ``[T, K]``) when the
+        request asked for log-probabilities; :meth:`_accept` hands them out with the tokens it accepts."""
+        k = seq.params.logprobs
+        if k is None:
+            return
+        for j, tok in enumerate(tokens):
+            top = tuple((int(t), float(v)) for t, v in zip(top_ids[j, :k], top_lp[j, :k]))
+            seq.pending_logprobs.append(TokenLogprob(int(tok), float(lp[j]), top))
 
     def forward(self, seqs: list[Sequence_], tokens: np.ndarray, num_valid: np.ndarray) -> np.ndarray:
         """Logits float32 ``[B, L, vocab]`` of ``tokens`` ``[B, L]`` placed after each sequence's computed KV, and
@@ -381,6 +449,7 @@ class Engine:
             self.stats.observe_ttft(now - seq.arrival)
         accepted: list[int] = []
         params = seq.params
+        pending, seq.pending_logprobs = seq.pending_logprobs, []
         for tok in tokens:
             if tok in params.stop_ids:
                 seq.finished, seq.finish_reason = True, "stop"
@@ -398,8 +467,9 @@ class Engine:
             self.scheduler.remove(seq)
             self.requests.pop((seq.request_id, seq.stream), None)
             self.stats.requests_finished += 1
+        logprobs = pending[:len(accepted)] if params.logprobs is not None else None
         return RequestOutput(seq.request_id, seq.stream, accepted, text, seq.finished, seq.finish_reason,
-                             len(seq.prompt), len(seq.output), seq.num_cached_tokens)
+                             len(seq.prompt), len(seq.output), seq.num_cached_tokens, logprobs=logprobs)
 
     def _cut_at_stop_string(self, seq: Sequence_) -> bool:
         text = self.tokenizer.decode(seq.output)

@@ -31,8 +31,8 @@ from typing import Any, Literal
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations by name
 
 from llmopt_jax.errors import LlmoptError
-from llmopt_jax.serve.engine import TTFT_BUCKETS, Engine, RequestOutput
-from llmopt_jax.serve.scheduler import SamplingParams
+from llmopt_jax.serve.engine import TTFT_BUCKETS, Engine, RequestOutput, TokenLogprob
+from llmopt_jax.serve.scheduler import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16
 
@@ -172,6 +172,7 @@ def _models():
     class Completion(Common):
         prompt: str | list[int] | list[str]
         max_tokens: int | None = Field(16, ge=1, le=1_000_000)
+        logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token (legacy API)
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="allow")
@@ -181,6 +182,8 @@ def _models():
     class Chat(Common):
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+        logprobs: bool = False
+        top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     return Completion, Chat
 
@@ -266,7 +269,7 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, *, request
                            param="model", code="model_not_found")
         return body
 
-    def sampling(body, prompt_len: int, max_tokens: int | None, stop_ids) -> SamplingParams:
+    def sampling(body, prompt_len: int, max_tokens: int | None, stop_ids, logprobs: int | None) -> SamplingParams:
         if max_tokens is None:  # OpenAI's chat default: until the context is full
             max_tokens = max(1, engine.max_model_len - prompt_len)
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -279,11 +282,37 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, *, request
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
                                     top_p=body.top_p, seed=None if body.seed is None else body.seed % 2**31,
-                                    stop_ids=tuple(stop_ids), stop=stop)
+                                    stop_ids=tuple(stop_ids), stop=stop, logprobs=logprobs)
             engine.scheduler.check_fits(prompt_len, max_tokens)
         except LlmoptError as e:
             raise APIError(400, str(e)) from None
+        if logprobs is not None and not engine.supports_logprobs:
+            raise APIError(400, "logprobs are not available from this server: it decodes speculatively",
+                           param="logprobs")
         return params
+
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    def completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict:
+        """The legacy completions ``logprobs`` object; ``offset``: characters of the answer before these tokens."""
+        tokens = [token_text(lp.token_id) for lp in lps]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+    def chat_logprobs(lps: list[TokenLogprob]) -> dict:
+        """The chat ``logprobs`` object; ``bytes`` are the UTF-8 bytes of each token's text (a token that ends inside
+        a multi-byte character decodes to U+FFFD)."""
+        def entry(token_id: int, logprob: float) -> dict:
+            text = token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in lps], "refusal": None}
 
     def encode_prompt(text: str) -> list[int]:
         ids = tokenizer.encode(text)
@@ -319,21 +348,30 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, *, request
         rid, out = async_engine.submit(prompt, params, body.n)
         response_id = f"{prefix}-{rid}"
 
+        want_logprobs = params.logprobs is not None
+
+        def logprobs_of(lps: list[TokenLogprob], offset: int) -> dict | None:
+            if not want_logprobs:
+                return None
+            return chat_logprobs(lps) if chat else completion_logprobs(lps, offset)
+
         if not body.stream:
             texts = [""] * body.n
             reasons: list[str | None] = [None] * body.n
             counts = [0] * body.n
+            token_lps: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
             async for o in events(request, rid, out, body.n):
                 texts[o.stream] += o.text
                 counts[o.stream] = o.completion_tokens
+                token_lps[o.stream] += o.logprobs or []
                 if o.finished:
                     reasons[o.stream] = o.finish_reason
             if any(r is None for r in reasons):
                 raise APIError(408, "the request was cancelled or timed out", "timeout")
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-                 "finish_reason": reasons[i]} if chat else
-                {"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
+                {"index": i, "message": {"role": "assistant", "content": texts[i]},
+                 "logprobs": logprobs_of(token_lps[i], 0), "finish_reason": reasons[i]} if chat else
+                {"index": i, "text": texts[i], "logprobs": logprobs_of(token_lps[i], 0), "finish_reason": reasons[i]}
                 for i in range(body.n)
             ]
             return JSONResponse({"id": response_id, "object": obj, "created": int(time.time()), "model": model_name,
@@ -351,15 +389,23 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, *, request
 
         async def stream():
             counts = [0] * body.n
+            # Tokens whose text is held back (an unfinished UTF-8 character or stop string) wait for the chunk that
+            # carries it, so each chunk's logprobs describe the tokens behind its text.
+            held: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
+            offsets = [0] * body.n
             try:
                 if chat:
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None} for i in range(body.n)])
                 async for o in events(request, rid, out, body.n):
                     counts[o.stream] = o.completion_tokens
+                    held[o.stream] += o.logprobs or []
                     if o.text or o.finished:
                         delta = {"content": o.text} if o.text else {}
-                        choice = {"index": o.stream, "logprobs": None, "finish_reason": o.finish_reason}
+                        lps, held[o.stream] = held[o.stream], []
+                        choice = {"index": o.stream, "logprobs": logprobs_of(lps, offsets[o.stream]),
+                                  "finish_reason": o.finish_reason}
+                        offsets[o.stream] += len(o.text)
                         choice.update({"delta": delta} if chat else {"text": o.text})
                         yield chunk([choice])
                 if include_usage:
@@ -385,7 +431,7 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, *, request
             raise APIError(400, "the prompt is empty", param="prompt")
         if any(not 0 <= t < engine.cfg.vocab_size for t in ids):
             raise APIError(400, f"prompt token ids must lie in [0, {engine.cfg.vocab_size})", param="prompt")
-        params = sampling(body, len(ids), body.max_tokens, eos)
+        params = sampling(body, len(ids), body.max_tokens, eos, body.logprobs)
         return await respond(request, body, ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -395,7 +441,10 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, *, request
                     for m in body.messages]
         ids = encode_prompt(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = sampling(body, len(ids), max_tokens, tokenizer.stop_ids)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        params = sampling(body, len(ids), max_tokens, tokenizer.stop_ids,
+                          (body.top_logprobs or 0) if body.logprobs else None)
         return await respond(request, body, ids, params, chat=True)
 
     @app.get("/v1/models")

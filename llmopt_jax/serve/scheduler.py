@@ -23,6 +23,7 @@ from llmopt_jax.errors import ConfigError
 from llmopt_jax.serve.kv_pages import PagePool, page_hashes
 
 POLICIES = ("fcfs", "spf")
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 MODES = ("continuous", "static")
 
 
@@ -30,7 +31,9 @@ MODES = ("continuous", "static")
 class SamplingParams:
     """Per-request generation settings. ``temperature`` 0 = greedy; ``top_k`` 0 = off; ``seed`` fixes the draws
     (token ``i`` uses ``fold_in(key(seed, stream), i)``, whatever the batch); ``stop_ids`` end the answer
-    (excluded from it), ``stop`` strings cut the text before them."""
+    (excluded from it), ``stop`` strings cut the text before them; ``logprobs`` asks for the log-probability of
+    each generated token under the model (log-softmax of its logits, before temperature and truncation) and of the
+    ``logprobs`` most likely tokens at that position."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -39,6 +42,7 @@ class SamplingParams:
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely tokens
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -49,6 +53,8 @@ class SamplingParams:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ConfigError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (or None), got {self.logprobs}")
 
 
 @dataclasses.dataclass(eq=False)
@@ -72,6 +78,8 @@ class Sequence_:
     text_sent: str = ""  # detokenized text already handed to the caller
     final_text: str | None = None  # the answer cut at a stop string
     key_data: Any = None  # uint32 [2]: this choice's base sampling key
+    # TokenLogprobs of the tokens the last device calls produced, in order, until the engine accepts them.
+    pending_logprobs: list = dataclasses.field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
