@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 venv: $(STAMP)
 
+# Two workers, one test module each at a time, slow modules first (tests/conftest.py orders them): on 2 cores one
+# worker's single-threaded XLA compiles overlap the other's compute (30 min vs 41 sequential, compilation cache cold).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 demo: $(STAMP)
 	$(PY) -m experiments.train --config=configs/train.py:smoke --workdir=$(WORKDIR)/train_smoke
