@@ -43,6 +43,7 @@ class RequestResult:
     e2e: float = float("nan")
     itls: list[float] = dataclasses.field(default_factory=list)
     error: str = ""
+    usage_reported: bool = True  # False: the server sent no usage; output_tokens counts its streamed token chunks
 
 
 def make_trace(text: str, num: int, words: tuple[int, int], max_tokens: tuple[int, int], rate: float, seed: int
@@ -70,6 +71,7 @@ async def _one(client, url: str, model: str, req: TraceRequest, timeout: float) 
     t0 = time.perf_counter()
     last = None
     usage_seen = done_seen = False
+    token_chunks = 0
     res = RequestResult(ok=False)
     try:
         async with asyncio.timeout(timeout):
@@ -90,6 +92,9 @@ async def _one(client, url: str, model: str, req: TraceRequest, timeout: float) 
                         return res
                     now = time.perf_counter()
                     if chunk.get("choices"):
+                        # A chunk without finish_reason carries one generated token (OpenAI's, vLLM's and
+                        # llama-cpp-python's servers stream token by token); the last one only says why it stopped.
+                        token_chunks += chunk["choices"][0].get("finish_reason") is None
                         if last is None:
                             res.ttft = now - t0
                         else:
@@ -100,10 +105,14 @@ async def _one(client, url: str, model: str, req: TraceRequest, timeout: float) 
                         res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                         res.output_tokens = chunk["usage"]["completion_tokens"]
         res.e2e = time.perf_counter() - t0
-        # A request may end at once (its first token is EOS): zero output tokens is a complete answer.
-        res.ok = usage_seen and done_seen
+        # A request may end at once (its first token is EOS): zero output tokens is a complete answer. A server that
+        # ignores stream_options.include_usage (llama-cpp-python's) is measured by its token chunks instead.
+        res.ok = done_seen
+        if not usage_seen:
+            res.usage_reported = False
+            res.output_tokens = token_chunks
         if not res.ok:
-            res.error = "the stream ended without usage or [DONE]"
+            res.error = "the stream ended without [DONE]"
     except Exception as e:  # noqa: BLE001 - a failed request is a measured outcome, not a crash
         res.error = f"{type(e).__name__}: {e}"[:200]
     return res
@@ -141,6 +150,7 @@ def summarize(results: list[RequestResult], seconds: float) -> dict:
            "output_tokens": sum(r.output_tokens for r in ok), "prompt_tokens": sum(r.prompt_tokens for r in ok)}
     out["request_throughput"] = len(ok) / seconds if seconds else 0.0
     out["output_tokens_per_s"] = out["output_tokens"] / seconds if seconds else 0.0
+    out["tokens_counted_from"] = "usage" if all(r.usage_reported for r in ok) else "stream chunks"
 
     def stats(name: str, values: list[float]) -> None:
         arr = np.asarray(values, np.float64)

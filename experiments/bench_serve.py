@@ -16,7 +16,8 @@ from llmopt_jax import cli
 ENGINES = ("continuous", "static", "sequential", "llamacpp")
 REPORTED = ("output_tokens_per_s", "request_throughput", "completed", "failed", "seconds", "output_tokens",
             "prompt_tokens", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "tpot_p50_s", "tpot_p99_s",
-            "itl_mean_s", "itl_p50_s", "itl_p99_s", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s")
+            "itl_mean_s", "itl_p50_s", "itl_p99_s", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s",
+            "tokens_counted_from")
 
 
 def main(config, workdir):
