@@ -43,7 +43,7 @@ class RequestResult:
     e2e: float = float("nan")
     itls: list[float] = dataclasses.field(default_factory=list)
     error: str = ""
-    usage_reported: bool = True  # False: the server sent no usage; output_tokens counts its streamed token chunks
+    usage_reported: bool = False  # False: the server sent no usage; output_tokens counts its streamed token chunks
 
 
 def make_trace(text: str, num: int, words: tuple[int, int], max_tokens: tuple[int, int], rate: float, seed: int
@@ -70,7 +70,7 @@ async def _one(client, url: str, model: str, req: TraceRequest, timeout: float) 
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     last = None
-    usage_seen = done_seen = False
+    done_seen = False
     token_chunks = 0
     res = RequestResult(ok=False)
     try:
@@ -92,8 +92,8 @@ async def _one(client, url: str, model: str, req: TraceRequest, timeout: float) 
                         return res
                     now = time.perf_counter()
                     if chunk.get("choices"):
-                        # A chunk without finish_reason carries one generated token (OpenAI's, vLLM's and
-                        # llama-cpp-python's servers stream token by token); the last one only says why it stopped.
+                        # A chunk without finish_reason carries one generated token (our server and
+                        # llama-cpp-python's stream token by token); the last one only says why it stopped.
                         token_chunks += chunk["choices"][0].get("finish_reason") is None
                         if last is None:
                             res.ttft = now - t0
@@ -101,15 +101,14 @@ async def _one(client, url: str, model: str, req: TraceRequest, timeout: float) 
                             res.itls.append(now - last)
                         last = now
                     if chunk.get("usage"):
-                        usage_seen = True
+                        res.usage_reported = True
                         res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                         res.output_tokens = chunk["usage"]["completion_tokens"]
         res.e2e = time.perf_counter() - t0
         # A request may end at once (its first token is EOS): zero output tokens is a complete answer. A server that
         # ignores stream_options.include_usage (llama-cpp-python's) is measured by its token chunks instead.
         res.ok = done_seen
-        if not usage_seen:
-            res.usage_reported = False
+        if not res.usage_reported:
             res.output_tokens = token_chunks
         if not res.ok:
             res.error = "the stream ended without [DONE]"

@@ -85,6 +85,7 @@ def test_bench_serve_smoke_writes_the_contract_keys(tmp_path):
     assert res["concurrency"] == 4 and res["num_requests"] == 6
     for engine in ("continuous", "static", "sequential"):
         assert res[f"{engine}_failed"] == 0 and res[f"{engine}_output_tokens_per_s"] > 0
+        assert res[f"{engine}_tokens_counted_from"] == "usage"  # our server reports usage in every stream
         assert res[f"{engine}_ttft_p99_s"] > 0 and res[f"{engine}_server_exit_code"] == 0
     for key in ("llamacpp_output_tokens_per_s", "llamacpp_ttft_p99_s", "llamacpp_failed"):
         assert key in res and res[key] is None  # no llama.cpp peer for the random smoke model
