@@ -35,8 +35,9 @@ def calib_config(num_samples: int = 128, seq_len: int = 512, sources: str = "top
         seed=0,
         batch_size=batch_size,  # windows per step of the calibration passes; 0 = auto (~1024 tokens on CPU)
         # Matmul operands of the calibration forwards and XᵀX: bfloat16 (float32 accumulation; several times
-        # faster on CPUs with AMX and on accelerators, same perplexity within noise) or float32.
-        compute_dtype="bfloat16",
+        # faster on CPUs with AMX/AVX512-BF16 and on accelerators, same perplexity within noise), float32, or
+        # auto (bfloat16 where the hardware multiplies it natively, else float32: 1.4x faster on an AVX2 CPU).
+        compute_dtype="auto",
     )
     return ConfigDict({k: values[k] for k in keys})
 

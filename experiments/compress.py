@@ -89,7 +89,7 @@ def main(config, workdir):
         "act_order": bool(config.act_order),
         "embedding_bits": int(config.embedding_bits),
         **compressed.summary(),
-        "calib_compute_dtype": config.calib.compute_dtype,
+        "calib_compute_dtype": compressed.report.get("compute_dtype", config.calib.compute_dtype),  # "auto" resolved
         "seconds_eval": result.seconds,
         "calib_windows": 0 if calib is None else int(config.calib.num_samples),
         "calib_seq_len": int(config.calib.seq_len),

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from conftest import TINY_CFG
+from llmopt_jax.compress import calibrate
 from llmopt_jax.compress.calibrate import auto_batch_size, compress_sequentially, kernel_to_matrix, measured_sparsity
 from llmopt_jax.compress.prune import magnitude_prune, parse_pattern
 from llmopt_jax.compress.recipe import chain, from_recipe, magnitude, sparsegpt, wanda
@@ -167,3 +168,30 @@ def test_pruned_weights_keep_code_for_zero_on_the_default_asymmetric_grid(setup)
     np.testing.assert_array_equal(np.asarray(qm.codes)[pruned], zero[pruned])
     with pytest.raises(ConfigError, match="0 is not a level of a float-offset grid"):
         chain(magnitude(0.5), rtn(bits=3, zero_point="float"))
+
+
+def test_auto_compute_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(calibrate, "cpu_has_native_bfloat16", lambda native=native: native)
+        assert calibrate.resolve_compute_dtype("auto") == want
+    assert calibrate.resolve_compute_dtype("bfloat16") == "bfloat16"  # an explicit choice is kept
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert calibrate.resolve_compute_dtype("auto") == "bfloat16"
+
+
+def test_report_names_the_resolved_dtype_and_skips_the_last_blocks_output(setup, monkeypatch):
+    _, pure, windows = setup
+    forwards = []
+    runner_cls = calibrate._BlockRunner
+
+    class Counting(runner_cls):
+        def __init__(self, *args):
+            super().__init__(*args)
+            inner = self.forward
+            self.forward = lambda *a: forwards.append(1) or inner(*a)
+
+    monkeypatch.setattr(calibrate, "_BlockRunner", Counting)
+    _, report = compress_sequentially(CFG, pure, windows, sparsegpt(0.5), progress=False, compute_dtype="float32")
+    assert report["compute_dtype"] == "float32"
+    assert len(forwards) == CFG.num_layers - 1  # nothing reads the last block's output

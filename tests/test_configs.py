@@ -35,7 +35,7 @@ def test_config_files_load_by_path_from_another_directory(tmp_path):
 def test_shared_blocks():
     assert load_config("compress", "gptq").calib.to_dict() == dict(
         text_file="", sources="topics,code,prose", num_samples=128, seq_len=512, seed=0, batch_size=0,
-        compute_dtype="bfloat16")
+        compute_dtype="auto")
     assert set(load_config("bench_prune", "smoke").calib) == {"num_samples", "seq_len", "seed", "batch_size",
                                                               "sources"}
     study = load_config("sparsegpt_case_study", "smoke")

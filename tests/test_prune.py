@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from llmopt_jax.compress import prune
-from llmopt_jax.compress.hessian import InputStats, damped_inverse_cholesky
+from llmopt_jax.compress.hessian import GRAM_BLOCK, InputStats, damped_inverse_cholesky, gram_upper, mirror_upper
 from llmopt_jax.compress.prune import (
     magnitude_prune, parse_pattern, sparsegpt_prune, wanda_prune,
 )
@@ -69,6 +69,21 @@ def test_sparsegpt_equals_numpy_obs_with_the_same_mask(pattern, blocksize):
     expected = numpy_obs(w, np.asarray(stats.hessian), np.asarray(keep))
     np.testing.assert_allclose(pruned, expected, rtol=2e-3, atol=2e-4)
     assert (np.asarray(pruned)[~np.asarray(keep)] == 0).all()
+
+
+@pytest.mark.parametrize("d", [40, 2 * GRAM_BLOCK + 1, 3 * GRAM_BLOCK, 3 * GRAM_BLOCK + 76])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gram_equals_xtx_including_the_mirrored_blocks(d, dtype):
+    """Wide inputs are summed block-triangle by block-triangle and mirrored once: the result must be XᵀX, exactly
+    symmetric and equal to the float64 product of the same (rounded) operands, uneven last block included."""
+    x = jnp.asarray(np.random.default_rng(d).normal(size=(2, 64, d)), dtype)
+    want = np.einsum("cnd,cne->de", *(2 * [np.asarray(x, np.float64)]))
+    got = np.asarray(mirror_upper(gram_upper(x[:1]) + gram_upper(x[1:])))
+    assert got.dtype == np.float32 and got.shape == (d, d)
+    np.testing.assert_array_equal(got, got.T)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    stats = InputStats.zeros(d).update(x[0]).update(x[1])  # what the engine accumulates
+    np.testing.assert_allclose(np.asarray(stats.hessian), 2 * np.asarray(want) / 128, rtol=1e-4, atol=1e-4)
 
 
 def test_dead_inputs_are_zeroed():

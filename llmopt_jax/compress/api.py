@@ -161,7 +161,7 @@ def compress(
     calib: np.ndarray | None = None,
     *,
     batch_size: int = 0,
-    compute_dtype: str = "bfloat16",
+    compute_dtype: str = "auto",
     progress: bool = True,
     mesh=None,
     rules=None,
@@ -171,7 +171,7 @@ def compress(
     data-free recipes such as RTN or magnitude pruning).
 
     ``batch_size``: windows per step of the calibration passes (0 = auto); ``compute_dtype``: their matmul
-    operands (``bfloat16`` or ``float32``). With ``mesh`` the result is placed on it under ``rules``. The input
+    operands (``bfloat16``, ``float32``, or ``auto``: bfloat16 where the hardware multiplies it natively). With ``mesh`` the result is placed on it under ``rules``. The input
     model is not modified.
     """
     from flax import nnx
