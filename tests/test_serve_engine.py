@@ -15,7 +15,7 @@ from llmopt_jax.errors import ConfigError
 from llmopt_jax.infer.generate import Generator
 from llmopt_jax.models.attention import causal_mask, xla_attention
 from llmopt_jax.models.decoder import Decoder
-from llmopt_jax.serve.engine import Engine, EngineConfig
+from llmopt_jax.serve.engine import Engine, EngineConfig, prefill_bucket
 from llmopt_jax.serve.kv_pages import PagePool, gather_pages, page_hashes, paged_attention, scatter_tokens
 from llmopt_jax.serve.scheduler import SamplingParams
 
@@ -52,6 +52,15 @@ def prompts():
 def reference(model, prompts):
     gen = Generator(*model)
     return [gen.generate([p], MAX_NEW).tokens[0] for p in prompts]
+
+
+def test_prefill_buckets_are_half_octaves_that_hold_the_chunk():
+    buckets = {prefill_bucket(n) for n in range(1, 513)}
+    assert sorted(buckets) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    for n in range(1, 513):
+        b = prefill_bucket(n)
+        assert b >= n and (n <= 16 or b <= 1.5 * n)  # at most a third of a padded chunk is padding
+    assert prefill_bucket(5, minimum=4) == 6 and prefill_bucket(3, minimum=4) == 4
 
 
 def test_paged_attention_equals_contiguous_cache_under_random_page_tables():

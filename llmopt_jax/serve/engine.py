@@ -103,6 +103,16 @@ def _pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 
+def prefill_bucket(n: int, minimum: int = 16) -> int:
+    """The padded length of an ``n``-token prefill chunk: the smallest ``2^k`` or ``1.5·2^k`` (at least ``minimum``)
+    that holds it. Half-octave steps pad a chunk by at most a third (pure powers of two: up to a half; a 134-token
+    prompt computes 192 positions, not 256), for twice the executables; prefill is compute-bound, so padding costs
+    its share of the time."""
+    p = _pow2(n, minimum)
+    three_quarters = 3 * p // 4
+    return three_quarters if n <= three_quarters and three_quarters >= minimum and p % 4 == 0 else p
+
+
 # ----------------------------------------------------------------------------------------------- device functions
 def forward(graphdef, params, kv: PagedKV, tokens, starts, num_valid, page_table, logit_index):
     """Runs ``tokens`` int32 ``[B, L]`` at positions ``starts[b] + j`` over the paged cache.
@@ -348,7 +358,7 @@ class Engine:
     def prefill(self, chunk: PrefillChunk) -> int | None:
         """Computes one prompt chunk's KV; returns the sampled next token when the chunk ends the prompt."""
         seq, start, n = chunk.seq, chunk.start, chunk.length
-        length = _pow2(n, 16)
+        length = prefill_bucket(n)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :n] = seq.tokens[start:start + n]
         # The page table of a prefill always spans the whole context: prefill is compute-bound, so gathering unused
