@@ -14,6 +14,7 @@ with the attribute ``needs_calibration = False`` is data-free and receives ``Non
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -193,19 +194,28 @@ class LayerReport:
     seconds: float  # the transform alone (statistics gathered beforehand)
 
 
-@jax.jit
-def _error_ratio(w: jax.Array, new_w: jax.Array, hessian: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="low_precision")
+def _error_ratio(w: jax.Array, new_w: jax.Array, hessian: jax.Array, low_precision: bool = False) -> jax.Array:
     delta = w - new_w
-    hp = jax.lax.Precision.HIGHEST
-    num = jnp.sum(jnp.matmul(delta, hessian, precision=hp) * delta)
-    den = jnp.sum(jnp.matmul(w, hessian, precision=hp) * w)
+    if low_precision:  # bfloat16 operands, float32 sums: ~2x faster on CPU, 3 significant digits of the ratio
+        dot = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+        h = hessian.astype(jnp.bfloat16)
+        num = jnp.sum(dot(delta.astype(jnp.bfloat16), h) * delta)
+        den = jnp.sum(dot(w.astype(jnp.bfloat16), h) * w)
+    else:
+        hp = jax.lax.Precision.HIGHEST
+        num = jnp.sum(jnp.matmul(delta, hessian, precision=hp) * delta)
+        den = jnp.sum(jnp.matmul(w, hessian, precision=hp) * w)
     return num / jnp.maximum(den, 1e-30)
 
 
-def relative_reconstruction_error(w: jax.Array, new_w: jax.Array, hessian: jax.Array) -> float:
-    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` = ``‖(W − Ŵ)X‖² / ‖WX‖²`` for ``W``, ``Ŵ`` ``[rows, cols]``, ``H`` ``[cols, cols]``."""
+def relative_reconstruction_error(w: jax.Array, new_w: jax.Array, hessian: jax.Array, *,
+                                  low_precision: bool = False) -> float:
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` = ``‖(W − Ŵ)X‖² / ‖WX‖²`` for ``W``, ``Ŵ`` ``[rows, cols]``, ``H`` ``[cols, cols]``.
+    ``low_precision``: the two matmuls on bfloat16 operands (float32 accumulation), as the calibration passes with
+    ``compute_dtype="bfloat16"`` run theirs."""
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    return float(_error_ratio(f32(w), f32(new_w), f32(hessian)))
+    return float(_error_ratio(f32(w), f32(new_w), f32(hessian), low_precision))
 
 
 def compress_sequentially(
@@ -290,7 +300,8 @@ def compress_sequentially(
                     quantized[name] = {"kernel": jax.tree.map(np.asarray, info["quantized"])}
                 reports.append(LayerReport(
                     block=i, name=name, shape=tuple(w.shape), sparsity=float(jnp.mean(new_w == 0)),
-                    relative_error=relative_reconstruction_error(w, new_w, stats[group].hessian)
+                    relative_error=relative_reconstruction_error(w, new_w, stats[group].hessian,
+                                                                low_precision=runner.low_precision)
                     if calibrated else None,
                     seconds=solve_seconds,
                 ))

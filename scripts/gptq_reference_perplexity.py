@@ -1,0 +1,249 @@
+"""Runs the GPTQ reference code (IST-DASLab/gptq) on SmolLM2-135M under the quantization case study's protocol.
+
+The check that issue 13 asks for: our RTN and GPTQ rows against the reference implementation's perplexity on the
+same calibration windows and the same held-out texts. The reference's own ``gptq.py`` (``GPTQ``: Hessian
+accumulation and ``fasterquant``) and ``quant.py`` (``Quantizer``, ``quantize``) are imported from a checkout
+given by ``--gptq-repo`` (never copied here); this script only feeds them, as the reference's
+``llama.py:llama_sequential`` does: each block's linears get their Hessians from one forward of the block on the
+current inputs (hooks on every linear; the reference's default, not ``--true-sequential``), are quantized, and the
+quantized block's outputs feed the next block. RTN is the reference's ``--nearest`` rule (its ``Quantizer`` per
+output channel, then ``quantize``). The model is a transformers ``LlamaForCausalLM`` holding exactly our float32
+weights (written by ``lj.save_model`` as safetensors), so the dense perplexities must agree to the last digits.
+
+Needs torch and transformers (``pip install torch transformers``; not project dependencies) and a clone::
+
+    git clone https://github.com/IST-DASLab/gptq /tmp/gptq
+    python scripts/gptq_reference_perplexity.py --gptq-repo=/tmp/gptq --threads=2
+
+Writes ``docs/results/gptq_reference_smollm2_cpu.json``: per row the reference's close / far perplexity, ours
+(from ``docs/results/quantization_case_study_rows.jsonl``) and the ratio ours / reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+# row name -> (method, bits, act_order); per output channel, asymmetric grid (the reference's default).
+ROWS = {
+    "rtn 3-bit per channel": ("rtn", 3, False),
+    "rtn 4-bit per channel": ("rtn", 4, False),
+    "gptq 3-bit per channel": ("gptq", 3, False),
+    "gptq 3-bit per channel act-order": ("gptq", 3, True),
+    "gptq 4-bit per channel": ("gptq", 4, False),
+    "gptq 4-bit per channel act-order": ("gptq", 4, True),
+}
+OURS = os.path.join(ROOT, "docs", "results", "quantization_case_study_rows.jsonl")
+OUT = os.path.join(ROOT, "docs", "results", "gptq_reference_smollm2_cpu.json")
+
+
+def protocol_tokens(tokenizer, num_samples: int, seq_len: int,
+                    eval_len: int = 512) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Our case study's calibration windows ``[num_samples, seq_len]`` and evaluation windows ``[*, eval_len]``."""
+    from llmopt_jax.compress.study import eval_texts
+    from llmopt_jax.data.text import calibration_windows, token_windows
+
+    calib = calibration_windows(tokenizer, "", "topics", num_samples, seq_len, 0)
+    # The case study's windows: the close text's first 32, every window of the far text.
+    texts = eval_texts(tokenizer, "", "", 32, 0, seq_len=eval_len)
+    windows = {}
+    for name, (tokens, max_windows) in texts.items():
+        w = token_windows(np.asarray(tokens, np.int64), eval_len)
+        windows[name] = w[:max_windows] if max_windows > 0 else w
+    return calib, windows
+
+
+def load_torch_model(ours, tmp: str):
+    """A transformers LlamaForCausalLM (float32) holding the weights of ``ours`` (a loaded model)."""
+    import torch
+    import transformers
+
+    import llmopt_jax as lj
+
+    lj.save_model(ours, tmp, format="safetensors")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    return model
+
+
+def perplexity(model, windows: np.ndarray, batch: int = 4) -> float:
+    """exp(mean NLL) over positions 1..L-1 of every window (our protocol: no BOS, non-overlapping windows)."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(windows), batch):
+            ids = torch.as_tensor(windows[s : s + batch])
+            logits = model(ids).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
+            count += ids[:, 1:].numel()
+    return float(np.exp(nll / count))
+
+
+def block_linears(layer) -> dict:
+    import torch.nn as nn
+
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def rtn(model, bits: int, ref) -> None:
+    """The reference's ``--nearest`` baseline: per output channel, asymmetric, every block linear."""
+    for layer in model.model.layers:
+        for m in block_linears(layer).values():
+            q = ref.Quantizer()
+            q.configure(bits, perchannel=True, sym=False, mse=False)
+            w = m.weight.data
+            q.find_params(w, weight=True)
+            m.weight.data = ref.quantize(w, q.scale, q.zero, q.maxq).to(w.dtype)
+
+
+def gptq_sequential(model, calib: np.ndarray, bits: int, act_order: bool, ref, damp: float = 0.01) -> None:
+    """The reference's ``llama_sequential`` (default mode) with its ``GPTQ`` and ``Quantizer`` classes."""
+    import torch
+    import torch.nn as nn
+
+    layers = model.model.layers
+    n, length = calib.shape
+    inps = torch.zeros((n, length, model.config.hidden_size))
+    cache = {"i": 0, "kwargs": None}
+
+    class Catcher(nn.Module):  # records the first block's inputs and keyword arguments, then stops the forward
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, inp, **kwargs):
+            inps[cache["i"]] = inp[0]
+            cache["i"] += 1
+            cache["kwargs"] = kwargs
+            raise ValueError
+
+    layers[0] = Catcher(layers[0])
+    with torch.no_grad():
+        for j in range(n):
+            try:
+                model(torch.as_tensor(calib[j : j + 1]))
+            except ValueError:
+                pass
+    layers[0] = layers[0].module
+    kwargs = {k: v for k, v in cache["kwargs"].items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+    outs = torch.zeros_like(inps)
+
+    def run(layer, x):
+        out = layer(x.unsqueeze(0), **kwargs)
+        return (out[0] if isinstance(out, tuple) else out)[0]
+
+    with torch.no_grad():
+        for i in range(len(layers)):
+            layer = layers[i]
+            subset = block_linears(layer)
+            solvers = {}
+            for name, m in subset.items():
+                solvers[name] = ref.GPTQ(m)
+                solvers[name].quantizer = ref.Quantizer()
+                solvers[name].quantizer.configure(bits, perchannel=True, sym=False, mse=False)
+            handles = [m.register_forward_hook(lambda _, inp, out, name=name: solvers[name].add_batch(inp[0].data, out.data))
+                       for name, m in subset.items()]
+            for j in range(n):
+                outs[j] = run(layer, inps[j])
+            for h in handles:
+                h.remove()
+            for name in subset:
+                solvers[name].fasterquant(percdamp=damp, groupsize=-1, actorder=act_order)
+                solvers[name].free()
+            for j in range(n):
+                outs[j] = run(layer, inps[j])
+            inps, outs = outs, inps
+            print(f"  block {i + 1}/{len(layers)}", file=sys.stderr, flush=True)
+
+
+def our_rows() -> dict[str, dict]:
+    """Our case study's rows by label (``docs/results/quantization_case_study_rows.jsonl``)."""
+    from experiments.quantization_case_study import label
+
+    rows = {}
+    with open(OURS) as f:
+        for line in f:
+            r = json.loads(line)
+            rows[label(r)] = r
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gptq-repo", required=True, help="a checkout of github.com/IST-DASLab/gptq")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default=OUT)
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not torch.cuda.is_available():  # fasterquant times itself with torch.cuda.synchronize(), which needs CUDA
+        torch.cuda.synchronize = lambda *a, **k: None
+    sys.path.insert(0, os.path.abspath(args.gptq_repo))
+    import gptq as ref_gptq  # the reference's modules, from the checkout
+    import quant as ref_quant
+
+    class ref:  # the three names the reference's llama.py uses
+        GPTQ = ref_gptq.GPTQ
+        Quantizer = ref_quant.Quantizer
+        quantize = ref_quant.quantize
+
+    import llmopt_jax as lj
+
+    ours_model = lj.load_pretrained("smollm2-135m")
+    calib, windows = protocol_tokens(ours_model.tokenizer, args.num_samples, args.seq_len)
+    ours = our_rows()
+    result = json.load(open(args.out)) if os.path.exists(args.out) else {"rows": {}}
+    result.update(protocol=dict(calibration=f"{args.num_samples} x {args.seq_len} tokens of pydoc_data.topics, seed 0",
+                                close="stdlib docstrings, first 32 windows of 512", far="LICENSE.txt, every window of 512",
+                                reference="IST-DASLab/gptq gptq.py + quant.py (per channel, asymmetric, damp 0.01, "
+                                          "blocksize 128), fed as llama.py's llama_sequential",
+                                torch=torch.__version__, threads=torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        base = load_torch_model(ours_model, tmp)
+        del ours_model
+        state = {k: v.clone() for k, v in base.state_dict().items()}
+        dense = {name: perplexity(base, w) for name, w in windows.items()}
+        result["dense"] = dense
+        print(f"dense: close {dense['close']:.3f} far {dense['far']:.3f} (ours float32: "
+              f"{ours['float32']['perplexity_close']:.3f} / {ours['float32']['perplexity_far']:.3f})", flush=True)
+        for name in [r for r in args.rows.split(",") if r]:
+            method, bits, act_order = ROWS[name]
+            base.load_state_dict(state)
+            t0 = time.perf_counter()
+            if method == "rtn":
+                rtn(base, bits, ref)
+            else:
+                gptq_sequential(base, calib, bits, act_order, ref)
+            seconds = time.perf_counter() - t0
+            row = {"reference_close": perplexity(base, windows["close"]), "reference_far": perplexity(base, windows["far"]),
+                   "reference_seconds": round(seconds, 1)}
+            if name in ours:
+                row.update(ours_close=ours[name]["perplexity_close"], ours_far=ours[name]["perplexity_far"])
+                row.update(ratio_close=row["ours_close"] / row["reference_close"],
+                           ratio_far=row["ours_far"] / row["reference_far"])
+            result["rows"][name] = row
+            print(name, json.dumps(row), flush=True)
+            with open(args.out, "w") as f:  # after every row: a long run keeps what it finished
+                json.dump(result, f, indent=1)
+                f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
