@@ -1,5 +1,6 @@
 """Quantization grids, RTN and GPTQ against a plain NumPy re-derivation; error paths."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -170,6 +171,28 @@ def test_gptq_matches_numpy(grid, act_order):
     assert np.mean(np.isclose(got, expected, rtol=1e-4, atol=1e-5)) > 0.99
     assert rel_error(w, got, h) == pytest.approx(rel_error(w, expected, h), rel=1e-3)
     np.testing.assert_allclose(np.asarray(qm.dequantize()), got, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "grid, act_order",
+    # per channel; groups inside one sub-block (8), spanning sub-blocks (32), neither (24: one sub-block per block)
+    [(QuantGrid(4), False), (QuantGrid(3), True), (QuantGrid(3, 8), False), (QuantGrid(4, 32), False),
+     (QuantGrid(4, 24), False), (QuantGrid(3, 32), True)],
+)
+def test_gptq_sub_blocks_are_the_same_arithmetic(grid, act_order):
+    """Solving 16 columns at a time inside each block (their errors reaching the rest of the block in one matmul)
+    gives what one column at a time over the whole block gives, and what the NumPy re-derivation gives."""
+    from llmopt_jax.compress.quantize import _gptq
+
+    w, h = problem(cols=96)
+    static = act_order or grid.group_size <= 0
+    qm = {sub: _gptq(jnp.asarray(w), jnp.asarray(h), grid, 48, 0.01, act_order, static, sub)
+          for sub in (16, 0)}  # 0: no sub-blocks
+    a, b = np.asarray(qm[16].dequantize()), np.asarray(qm[0].dequantize())
+    assert np.mean(np.isclose(a, b, rtol=1e-4, atol=1e-5)) > 0.99
+    expected = np_gptq(w, h, grid, act_order=act_order)
+    assert np.mean(np.isclose(a, expected, rtol=1e-4, atol=1e-5)) > 0.99
+    assert rel_error(w, a, h) == pytest.approx(rel_error(w, expected, h), rel=1e-3)
 
 
 @pytest.mark.parametrize("grid", [QuantGrid(3), QuantGrid(4, 16), QuantGrid(2, symmetric=True)])

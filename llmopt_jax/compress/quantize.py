@@ -308,8 +308,26 @@ def gptq_quantize(
     return qm.dequantize(), qm
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "blocksize", "damp_fraction", "act_order", "static"))
-def _gptq(w, hessian, grid: QuantGrid, blocksize: int, damp_fraction: float, act_order: bool, static: bool):
+# Columns per inner pass of GPTQ: each column's error updates only its sub-block of SUB_BLOCK columns, and the
+# sub-block's errors reach the rest of the block in one matmul (SparseGPT's solver does the same). The arithmetic
+# is the same; XLA:CPU runs the short per-column loop on [rows, 16] instead of [rows, blocksize] operands.
+SUB_BLOCK = 16
+
+
+def _sub_block_width(bs: int, width: int, static: bool, sub_block: int) -> int:
+    """The sub-block width for blocks of ``bs`` columns and groups of ``width``: ``sub_block`` where a dynamic
+    group's first column is also where its columns are up to date (the group lies inside one sub-block, or starts
+    one and spans whole sub-blocks); else ``bs`` (one sub-block per block)."""
+    if sub_block <= 0 or bs % sub_block:
+        return bs
+    if static or width % sub_block == 0 or sub_block % width == 0:
+        return sub_block
+    return bs
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "blocksize", "damp_fraction", "act_order", "static", "sub_block"))
+def _gptq(w, hessian, grid: QuantGrid, blocksize: int, damp_fraction: float, act_order: bool, static: bool,
+          sub_block: int = SUB_BLOCK):
     rows, cols = w.shape
     width = grid.group_width(cols)
     dead = jnp.diag(hessian) == 0
@@ -327,6 +345,7 @@ def _gptq(w, hessian, grid: QuantGrid, blocksize: int, damp_fraction: float, act
 
     # Dynamic groups are fitted at their first column inside a block, so a block holds whole groups.
     bs = min(blocksize, cols) if static else -(-min(blocksize, cols) // width) * width
+    sub = _sub_block_width(bs, width, static, sub_block)
     padded = -(-cols // bs) * bs
     if padded != cols:  # inert columns: zero weight, identity factor, a group of their own that is never read
         extra = padded - cols
@@ -337,37 +356,60 @@ def _gptq(w, hessian, grid: QuantGrid, blocksize: int, damp_fraction: float, act
             scale = jnp.pad(scale, ((0, 0), (0, -(-extra // width))))
             offset = jnp.pad(offset, ((0, 0), (0, -(-extra // width))))
 
-    def column(j, state, i1, d, u1):
-        w1, q1, err1, scale, offset = state
-        if not static:
-            def refit(params):
-                group = jax.lax.dynamic_slice(w1, (0, j), (rows, width))
-                s, o = _fit_groups(group, grid)
-                g = (i1 + j) // width
-                return (jax.lax.dynamic_update_slice(params[0], s[:, None], (0, g)),
-                        jax.lax.dynamic_update_slice(params[1], o[:, None], (0, g)))
+    def refit(params, group_weights, first):
+        # A dynamic group's scale and offset, from its weights as updated so far (at its first column `first`).
+        s, o = _fit_groups(group_weights, grid)
+        return (jax.lax.dynamic_update_slice(params[0], s[:, None], (0, first // width)),
+                jax.lax.dynamic_update_slice(params[1], o[:, None], (0, first // width)))
 
-            scale, offset = jax.lax.cond((i1 + j) % width == 0, refit, lambda p: p, (scale, offset))
-        col = jax.lax.dynamic_slice(w1, (0, j), (rows, 1))[:, 0]
-        g = jnp.maximum(group_of[i1 + j], 0)
+    def column(i, state, d_sub, u_sub, offset0):
+        # Column `i` of a sub-block that starts at column `offset0` of the (permuted, padded) matrix.
+        w_sub, q_sub, err_sub, scale, offset = state
+        j = offset0 + i
+        if not static and sub % width == 0:  # groups lie inside a sub-block: fit each at its first column
+            scale, offset = jax.lax.cond(
+                j % width == 0, lambda p: refit(p, jax.lax.dynamic_slice(w_sub, (0, i), (rows, width)), j),
+                lambda p: p, (scale, offset))
+        col = jax.lax.dynamic_slice(w_sub, (0, i), (rows, 1))[:, 0]
+        g = jnp.maximum(group_of[j], 0)
         pick = lambda p: jax.lax.dynamic_slice(p, (0, g), (p.shape[0], 1))[:, 0]  # noqa: E731
         q = quantize_column(col, pick(scale), pick(offset), grid)
-        q = jnp.where(group_of[i1 + j] < 0, 0.0, q)
-        err = (col - q) / d[j]
-        # Row j of the upper factor is zero left of j: this updates columns j.. of the block only.
-        w1 = w1 - err[:, None] * jax.lax.dynamic_slice(u1, (j, 0), (1, bs))
-        q1 = jax.lax.dynamic_update_slice(q1, q[:, None], (0, j))
-        err1 = jax.lax.dynamic_update_slice(err1, err[:, None], (0, j))
-        return w1, q1, err1, scale, offset
+        q = jnp.where(group_of[j] < 0, 0.0, q)
+        err = (col - q) / d_sub[i]
+        # Row i of the upper factor is zero left of i: this updates columns i.. of the sub-block only.
+        w_sub = w_sub - err[:, None] * jax.lax.dynamic_slice(u_sub, (i, 0), (1, sub))
+        q_sub = jax.lax.dynamic_update_slice(q_sub, q[:, None], (0, i))
+        err_sub = jax.lax.dynamic_update_slice(err_sub, err[:, None], (0, i))
+        return w_sub, q_sub, err_sub, scale, offset
 
     def block(b, state):
         w, scale, offset = state
         i1 = b * bs
         w1 = jax.lax.dynamic_slice(w, (0, i1), (rows, bs))
         u1 = jax.lax.dynamic_slice(upper, (i1, i1), (bs, bs))
+        d = jnp.diag(u1)
+
+        def sub_block_pass(s, state):
+            # Columns j.. j+sub solved one by one, then their errors reach every later column of the block in one
+            # matmul (columns left of j meet zeros of the upper factor; the sub-block's own are final).
+            w1, q1, err1, scale, offset = state
+            j = s * sub
+            if not static and sub % width:  # a group starts here and spans whole sub-blocks, all up to date now
+                scale, offset = jax.lax.cond(
+                    (i1 + j) % width == 0, lambda p: refit(p, jax.lax.dynamic_slice(w1, (0, j), (rows, width)), i1 + j),
+                    lambda p: p, (scale, offset))
+            zeros = jnp.zeros((rows, sub), jnp.float32)
+            body = functools.partial(column, d_sub=jax.lax.dynamic_slice(d, (j,), (sub,)),
+                                     u_sub=jax.lax.dynamic_slice(u1, (j, j), (sub, sub)), offset0=i1 + j)
+            _, q_sub, err_sub, scale, offset = jax.lax.fori_loop(
+                0, sub, body, (jax.lax.dynamic_slice(w1, (0, j), (rows, sub)), zeros, zeros, scale, offset))
+            if sub < bs:
+                w1 = w1 - jnp.matmul(err_sub, jax.lax.dynamic_slice(u1, (j, 0), (sub, bs)), precision=HIGHEST)
+            return (w1, jax.lax.dynamic_update_slice(q1, q_sub, (0, j)),
+                    jax.lax.dynamic_update_slice(err1, err_sub, (0, j)), scale, offset)
+
         zeros = jnp.zeros((rows, bs), jnp.float32)
-        body = functools.partial(column, i1=i1, d=jnp.diag(u1), u1=u1)
-        _, q1, err1, scale, offset = jax.lax.fori_loop(0, bs, body, (w1, zeros, zeros, scale, offset))
+        _, q1, err1, scale, offset = jax.lax.fori_loop(0, bs // sub, sub_block_pass, (w1, zeros, zeros, scale, offset))
         # Lazy batched update of every later column; earlier ones meet zeros of the upper factor.
         w = w - jnp.matmul(err1, jax.lax.dynamic_slice(upper, (i1, 0), (bs, padded)), precision=HIGHEST)
         return jax.lax.dynamic_update_slice(w, q1, (0, i1)), scale, offset
