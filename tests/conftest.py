@@ -59,6 +59,22 @@ def assert_one_line_error(proc, fragment: str) -> None:
     assert last.startswith("error: ") and fragment in last, proc.stderr
 
 
+def execute_notebook(name: str) -> None:
+    """Runs ``notebooks/NAME.ipynb`` top to bottom in a fresh kernel (its own asserts included); raises on the first
+    failing cell. The kernel sees one CPU device, like a user's laptop."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = os.path.join(ROOT, "notebooks", f"{name}.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    env_backup = os.environ.pop("XLA_FLAGS", None)
+    try:
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    finally:
+        if env_backup is not None:
+            os.environ["XLA_FLAGS"] = env_backup
+
+
 @pytest.fixture
 def tiny_config():
     return load_config("train", "tiny")
