@@ -22,13 +22,17 @@ def restrict_cpus(count: int) -> int:
     allowed = sorted(os.sched_getaffinity(0))
     if count <= 0 or count >= len(allowed):
         return len(allowed)
-    chosen = set(allowed[:count])
+    pin_threads(set(allowed[:count]))
+    return count
+
+
+def pin_threads(cpus: set[int]) -> None:
+    """Restricts every thread of this process (and the threads and processes it starts later) to ``cpus``."""
     for tid in os.listdir("/proc/self/task"):
         try:
-            os.sched_setaffinity(int(tid), chosen)
+            os.sched_setaffinity(int(tid), cpus)
         except OSError:  # a thread that has just ended
             pass
-    return count
 
 
 def parse_thread_counts(spec: str, cpu_count: int) -> list[int]:

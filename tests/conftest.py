@@ -3,6 +3,28 @@ cache, helpers and the fixtures several modules share (the tiny model config, th
 
 import os
 
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (``make test``: ``-n 2``), gives each worker its own share of the CPUs, before JAX sizes its
+    thread pools (XLA counts the CPUs of the affinity mask); subprocesses and notebook kernels inherit it.
+
+    Two workers whose XLA programs each use every core slow each other far more than they gain: a solver's
+    per-column loop waits at every parallel op for a thread the other worker has descheduled (measured on 2
+    cores with another JAX process busy: GPTQ on a ``[192, 576]`` matrix 21 ms alone, ~500 ms in most runs shared,
+    10-11 ms pinned to one core). ``LLMOPT_JAX_TEST_PIN=0`` turns it off."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not worker.startswith("gw") or count < 2 or os.environ.get("LLMOPT_JAX_TEST_PIN", "1") == "0":
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < count:
+        return
+    from benchmarks.harness import pin_threads
+
+    pin_threads(set(cpus[int(worker[2:]) % count :: count]))
+
+
+_pin_xdist_worker()
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
