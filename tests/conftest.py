@@ -130,10 +130,22 @@ def smollm2_gguf():
     return f, cfg, pure
 
 
+# Seconds the heaviest modules took in `make test` (2-core host, workers pinned; Dec 2026), to start them first.
+MODULE_SECONDS = {
+    "test_notebook_quantization.py": 157, "test_compress_cli.py": 100, "test_lora.py": 128,
+    "test_real_model_cli.py": 102, "test_notebook_quickstart.py": 92, "test_moe.py": 82,
+    "test_notebook_sparsegpt_case_study.py": 80, "test_serve_cli.py": 79, "test_train.py": 77,
+    "test_experiments.py": 76, "test_multiprocess.py": 71, "test_quantization_case_study.py": 60,
+    "test_qmoe_case_study.py": 55, "test_workdir.py": 50,
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules with ``slow`` tests (the real model, notebooks, CLI runs) run first, each module's tests still
-    together and in order. With ``pytest -n 2 --dist loadfile --no-loadscope-reorder`` (``make test``) the long
-    modules then start early on both workers and the short ones fill the end, instead of one long module running
+    """The heaviest modules (:data:`MODULE_SECONDS`, longest first), then the other modules with ``slow`` tests (the
+    real model, notebooks, CLI runs), then the rest; each module's tests still together and in order. With
+    ``pytest -n 2 --dist loadfile --no-loadscope-reorder`` (``make test``) the long modules start early on both
+    workers and the short ones fill the end (longest-processing-time-first), instead of one long module running
     alone after the other worker has finished."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # stable: the order within each group is kept
+    # stable: the order within each group is kept
+    items.sort(key=lambda item: (-MODULE_SECONDS.get(item.path.name, 0), item.path not in slow))

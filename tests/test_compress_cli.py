@@ -46,15 +46,6 @@ def test_compress_smoke_gptq_runs_from_packed_weights(tmp_path):
     assert 10 < results["perplexity"] < 100
 
 
-def test_compress_smoke_smoothquant(tmp_path):
-    proc = run_cli(["experiments.compress", "--config=configs/compress.py:smoke", "--config.method=smoothquant",
-                    "--config.bits=8", "--config.progress=False", f"--workdir={tmp_path}/run"])
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["bits_per_weight"] == pytest.approx(8, abs=0.05)
-    assert 10 < results["perplexity"] < 30
-
-
 @pytest.mark.parametrize(
     "override, fragment",
     [

@@ -44,21 +44,22 @@ def test_bad_input_one_line(tmp_path, override, fragment):
 
 @pytest.mark.slow
 def test_smoke_study_runs_and_resumes(tmp_path):
-    # The extra rows (SparseGPT+GPTQ, SmoothQuant) and act-order are left out here (suite time): test_api runs the
-    # joint recipe, the compress CLI smoke and the quantization notebook the others.
+    # The study's machinery (row order, resume, table, plot, report_only) on data-free rows only (suite time): GPTQ on
+    # the real model runs in the quantization notebook (3-bit act-order, asserted better than RTN) and the compress
+    # CLI smoke (packed 3-bit g64), SparseGPT+GPTQ in test_api, SmoothQuant in the notebook.
     args = ["experiments.quantization_case_study", "--config=configs/quantization_case_study.py:smoke",
-            "--config.extras=", "--config.group_sizes=-1", "--config.act_order=", "--config.progress=False",
-            f"--workdir={tmp_path}"]
+            "--config.methods=rtn", "--config.extras=", "--config.group_sizes=-1", "--config.act_order=",
+            "--config.progress=False", f"--workdir={tmp_path}"]
     proc = run_cli(args)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     by_label = {label(r): r for r in rows}
-    assert list(by_label) == ["float32", "bfloat16", "rtn 4-bit per channel", "gptq 4-bit per channel"]
+    assert list(by_label) == ["float32", "bfloat16", "rtn 4-bit per channel"]
     f32 = by_label["float32"]
     assert f32["bits_per_weight"] == 32 and by_label["bfloat16"]["bits_per_weight"] == 16
-    gptq = by_label["gptq 4-bit per channel"]
-    assert 4 < gptq["bits_per_weight"] < 4.1 and gptq["model_bytes"] < 0.35 * f32["model_bytes"]
-    assert gptq["perplexity_close"] < by_label["rtn 4-bit per channel"]["perplexity_close"]
+    rtn = by_label["rtn 4-bit per channel"]
+    assert 4 < rtn["bits_per_weight"] < 4.1 and rtn["model_bytes"] < 0.35 * f32["model_bytes"]
+    assert f32["perplexity_close"] < rtn["perplexity_close"] < 3 * f32["perplexity_close"]
     assert all(r["decode_tokens_per_s"] > 0 for r in rows)
     assert (tmp_path / "table.md").read_text().count("\n") == 2 + len(rows)
     assert (tmp_path / "perplexity_vs_bits.png").stat().st_size > 10_000
@@ -69,5 +70,5 @@ def test_smoke_study_runs_and_resumes(tmp_path):
 
     report = run_cli(args[:-2] + ["--config.group_sizes=-1,64", "--config.report_only=True", f"--workdir={tmp_path}"])
     assert report.returncode == 0, report.stderr
-    assert "rows not run yet: rtn 4-bit g64, gptq 4-bit g64" in report.stdout
+    assert "rows not run yet: rtn 4-bit g64" in report.stdout
     assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == len(rows)
