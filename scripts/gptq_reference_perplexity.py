@@ -16,7 +16,9 @@ Needs torch and transformers (``pip install torch transformers``; not project de
     python scripts/gptq_reference_perplexity.py --gptq-repo=/tmp/gptq --threads=2
 
 Writes ``docs/results/gptq_reference_smollm2_cpu.json``: per row the reference's close / far perplexity, ours
-(from ``docs/results/quantization_case_study_rows.jsonl``) and the ratio ours / reference.
+(from ``docs/results/quantization_case_study_rows.jsonl``, or ``--ours``) and the ratio ours / reference.
+``--matrix-check`` also runs both GPTQ solvers on the same weights and Hessians (:func:`matrix_check`); ``--seed``
+draws other calibration windows (compare with our case study run at the same ``calib.seed``).
 """
 
 from __future__ import annotations
