@@ -113,6 +113,7 @@ def gptq_sequential(model, calib: np.ndarray, bits: int, act_order: bool, ref, d
     """The reference's ``llama_sequential`` (default mode) with its ``GPTQ`` and ``Quantizer`` classes."""
     import torch
     import torch.nn as nn
+    from transformers.cache_utils import Cache
 
     layers = model.model.layers
     n, length = calib.shape
@@ -134,11 +135,17 @@ def gptq_sequential(model, calib: np.ndarray, bits: int, act_order: bool, ref, d
     with torch.no_grad():
         for j in range(n):
             try:
-                model(torch.as_tensor(calib[j : j + 1]))
+                # use_cache=False: with a KV cache every later per-block call would append to it, and each window
+                # would attend to the keys of all windows before it (transformers 5 passes it as ``cache``).
+                model(torch.as_tensor(calib[j : j + 1]), use_cache=False)
             except ValueError:
                 pass
     layers[0] = layers[0].module
-    kwargs = {k: v for k, v in cache["kwargs"].items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+    kwargs = {k: v for k, v in cache["kwargs"].items()
+              if k not in ("cache", "past_key_values", "past_key_value", "use_cache")}
+    stray = [k for k, v in kwargs.items() if isinstance(v, Cache)]
+    if stray:
+        raise RuntimeError(f"the blocks would be called with a KV cache ({stray}): the windows would see each other")
     outs = torch.zeros_like(inps)
 
     def run(layer, x):
