@@ -17,7 +17,8 @@ Needs torch and transformers (``pip install torch transformers``; not project de
 
 Writes ``docs/results/gptq_reference_smollm2_cpu.json``: per row the reference's close / far perplexity, ours
 (from ``docs/results/quantization_case_study_rows.jsonl``, or ``--ours``) and the ratio ours / reference.
-``--matrix-check`` also runs both GPTQ solvers on the same weights and Hessians (:func:`matrix_check`); ``--seed``
+``--matrix-check`` also runs both GPTQ solvers on the same weights and Hessians (:func:`matrix_check`),
+``--hessian-check`` compares the Hessians both pipelines collect for the first blocks (:func:`hessian_check`); ``--seed``
 draws other calibration windows (compare with our case study run at the same ``calib.seed``).
 """
 
@@ -109,8 +110,12 @@ def rtn(model, bits: int, ref) -> None:
             m.weight.data = ref.quantize(w, q.scale, q.zero, q.maxq).to(w.dtype)
 
 
-def gptq_sequential(model, calib: np.ndarray, bits: int, act_order: bool, ref, damp: float = 0.01) -> None:
-    """The reference's ``llama_sequential`` (default mode) with its ``GPTQ`` and ``Quantizer`` classes."""
+def gptq_sequential(model, calib: np.ndarray, bits: int, act_order: bool, ref, damp: float = 0.01,
+                    hessian_blocks: int = 0) -> dict:
+    """The reference's ``llama_sequential`` (default mode) with its ``GPTQ`` and ``Quantizer`` classes.
+
+    ``hessian_blocks`` > 0: quantize nothing; return the Hessians the reference's ``add_batch`` collects for the
+    first ``hessian_blocks`` blocks (dense weights), as ``{(block, linear name): float64 array}``."""
     import torch
     import torch.nn as nn
     from transformers.cache_utils import Cache
@@ -152,8 +157,9 @@ def gptq_sequential(model, calib: np.ndarray, bits: int, act_order: bool, ref, d
         out = layer(x.unsqueeze(0), **kwargs)
         return (out[0] if isinstance(out, tuple) else out)[0]
 
+    hessians = {}
     with torch.no_grad():
-        for i in range(len(layers)):
+        for i in range(hessian_blocks or len(layers)):
             layer = layers[i]
             subset = block_linears(layer)
             solvers = {}
@@ -168,12 +174,42 @@ def gptq_sequential(model, calib: np.ndarray, bits: int, act_order: bool, ref, d
             for h in handles:
                 h.remove()
             for name in subset:
-                solvers[name].fasterquant(percdamp=damp, groupsize=-1, actorder=act_order)
+                if hessian_blocks:
+                    hessians[(i, name.split(".")[-1])] = solvers[name].H.double().numpy()
+                else:
+                    solvers[name].fasterquant(percdamp=damp, groupsize=-1, actorder=act_order)
                 solvers[name].free()
             for j in range(n):
                 outs[j] = run(layer, inps[j])
             inps, outs = outs, inps
             print(f"  block {i + 1}/{len(layers)}", file=sys.stderr, flush=True)
+    return hessians
+
+
+def hessian_check(ours_model, torch_model, calib: np.ndarray, ref, blocks: int = 4) -> dict:
+    """The Hessians both pipelines collect for the first ``blocks`` blocks of the dense model, compared.
+
+    The reference's ``add_batch`` sums ``2/n · XᵀX`` over ``n`` *windows*, ours ``2/n · XᵀX`` over ``n`` *tokens*;
+    each is divided by its trace before the relative Frobenius difference is taken. This checks the feeding (block
+    inputs, attention, keyword arguments) that :func:`gptq_sequential` gives the reference, before any
+    quantization; agreement here and in :func:`matrix_check` leaves only rounding to differ between the two."""
+    from llmopt_jax.compress.calibrate import LINEAR_NAMES, compress_sequentially
+
+    ours, seen = {}, [0]
+
+    def record(w, stats):
+        block, name = divmod(seen[0], len(LINEAR_NAMES))
+        seen[0] += 1
+        if block < blocks:
+            ours[(block, LINEAR_NAMES[name])] = np.asarray(stats.hessian, np.float64)
+        return w, {}
+
+    compress_sequentially(ours_model.cfg, ours_model.params, calib, record, progress=False, compute_dtype="float32")
+    theirs = gptq_sequential(torch_model, calib, 3, False, ref, hessian_blocks=blocks)
+    diff = {f"{block} {name}": float(np.linalg.norm(h / np.trace(h) - ours[(block, name)] / np.trace(ours[(block, name)]))
+                                     / np.linalg.norm(ours[(block, name)] / np.trace(ours[(block, name)])))
+            for (block, name), h in sorted(theirs.items())}
+    return {"blocks": blocks, "max_relative_difference": max(diff.values()), "relative_difference": diff}
 
 
 # Matrices for the per-matrix check: (block, linear name), spread over the depth of the model.
@@ -254,6 +290,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="calibration seed (rows get a ' seed N' suffix if not 0)")
     parser.add_argument("--ours", default=OURS, help="our case study's rows.jsonl (run with the same seed)")
     parser.add_argument("--out", default=OUT)
+    parser.add_argument("--hessian-check", action="store_true",
+                        help="also compare the Hessians both pipelines collect for the first blocks (see hessian_check)")
     parser.add_argument("--matrix-check", action="store_true",
                         help="also compare both GPTQ solvers on the same weights and Hessians (see matrix_check)")
     args = parser.parse_args()
@@ -292,8 +330,10 @@ def main() -> None:
             f.write("\n")
     with tempfile.TemporaryDirectory() as tmp:
         base = load_torch_model(ours_model, tmp)
-        del ours_model
         state = {k: v.clone() for k, v in base.state_dict().items()}
+        if args.hessian_check:
+            result["hessian_check"] = hessian_check(ours_model, base, calib, ref)
+            print("hessian check: max relative difference", result["hessian_check"]["max_relative_difference"], flush=True)
         dense = {name: perplexity(base, w) for name, w in windows.items()}
         result["dense"] = dense
         print(f"dense: close {dense['close']:.3f} far {dense['far']:.3f} (ours float32: "
