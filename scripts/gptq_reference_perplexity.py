@@ -182,7 +182,7 @@ def gptq_sequential(model, calib: np.ndarray, bits: int, act_order: bool, ref, d
             for j in range(n):
                 outs[j] = run(layer, inps[j])
             inps, outs = outs, inps
-            print(f"  block {i + 1}/{len(layers)}", file=sys.stderr, flush=True)
+            print(f"  block {i + 1}/{hessian_blocks or len(layers)}", file=sys.stderr, flush=True)
     return hessians
 
 
@@ -193,23 +193,31 @@ def hessian_check(ours_model, torch_model, calib: np.ndarray, ref, blocks: int =
     each is divided by its trace before the relative Frobenius difference is taken. This checks the feeding (block
     inputs, attention, keyword arguments) that :func:`gptq_sequential` gives the reference, before any
     quantization; agreement here and in :func:`matrix_check` leaves only rounding to differ between the two."""
+    ours = our_dense_hessians(ours_model, calib, lambda block, name: block < blocks)
+    theirs = gptq_sequential(torch_model, calib, 3, False, ref, hessian_blocks=blocks)
+    unit = lambda h: np.asarray(h, np.float64) / np.trace(h)  # noqa: E731 - the two differ in scale only
+    diff = {f"{block} {name}": float(np.linalg.norm(unit(h) - unit(ours[(block, name)][1]))
+                                     / np.linalg.norm(unit(ours[(block, name)][1])))
+            for (block, name), h in sorted(theirs.items())}
+    return {"blocks": blocks, "max_relative_difference": max(diff.values()), "relative_difference": diff}
+
+
+def our_dense_hessians(ours_model, calib: np.ndarray, wanted) -> dict:
+    """``{(block, linear name): (W, H)}`` float32 (``[outputs, inputs]``, ``[inputs, inputs]``) from our sequential
+    pass over the dense model (weights unchanged, float32 passes), for the matrices where ``wanted(block, name)``."""
     from llmopt_jax.compress.calibrate import LINEAR_NAMES, compress_sequentially
 
-    ours, seen = {}, [0]
+    found, seen = {}, [0]
 
     def record(w, stats):
         block, name = divmod(seen[0], len(LINEAR_NAMES))
         seen[0] += 1
-        if block < blocks:
-            ours[(block, LINEAR_NAMES[name])] = np.asarray(stats.hessian, np.float64)
+        if wanted(block, LINEAR_NAMES[name]):
+            found[(block, LINEAR_NAMES[name])] = (np.asarray(w, np.float32), np.asarray(stats.hessian, np.float32))
         return w, {}
 
     compress_sequentially(ours_model.cfg, ours_model.params, calib, record, progress=False, compute_dtype="float32")
-    theirs = gptq_sequential(torch_model, calib, 3, False, ref, hessian_blocks=blocks)
-    diff = {f"{block} {name}": float(np.linalg.norm(h / np.trace(h) - ours[(block, name)] / np.trace(ours[(block, name)]))
-                                     / np.linalg.norm(ours[(block, name)] / np.trace(ours[(block, name)])))
-            for (block, name), h in sorted(theirs.items())}
-    return {"blocks": blocks, "max_relative_difference": max(diff.values()), "relative_difference": diff}
+    return found
 
 
 # Matrices for the per-matrix check: (block, linear name), spread over the depth of the model.
@@ -226,19 +234,9 @@ def matrix_check(ours_model, calib: np.ndarray, ref) -> dict:
     import torch
     import torch.nn as nn
 
-    from llmopt_jax.compress.calibrate import LINEAR_NAMES, compress_sequentially
     from llmopt_jax.compress.quantize import QuantGrid, gptq_quantize
 
-    wanted, seen = {}, [0]
-
-    def record(w, stats):
-        block, name = divmod(seen[0], len(LINEAR_NAMES))
-        seen[0] += 1
-        if (block, LINEAR_NAMES[name]) in CHECK_MATRICES:
-            wanted[(block, LINEAR_NAMES[name])] = (np.asarray(w, np.float32), np.asarray(stats.hessian, np.float32))
-        return w, {}
-
-    compress_sequentially(ours_model.cfg, ours_model.params, calib, record, progress=False, compute_dtype="float32")
+    wanted = our_dense_hessians(ours_model, calib, lambda block, name: (block, name) in CHECK_MATRICES)
     out = {}
     for (block, name), (w, h) in sorted(wanted.items()):
         for bits, act_order in ((3, False), (4, True)):
@@ -323,17 +321,23 @@ def main() -> None:
                                 reference="IST-DASLab/gptq gptq.py + quant.py (per channel, asymmetric, damp 0.01, "
                                           "blocksize 128), fed as llama.py's llama_sequential",
                                 torch=torch.__version__, threads=torch.get_num_threads()))
-    if args.matrix_check:
-        result["matrix_check"] = matrix_check(ours_model, calib, ref)
+
+    def save() -> None:  # after every part: a long run keeps what it finished
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
             f.write("\n")
+
+    if args.matrix_check:
+        result["matrix_check"] = matrix_check(ours_model, calib, ref)
+        save()
     with tempfile.TemporaryDirectory() as tmp:
         base = load_torch_model(ours_model, tmp)
         state = {k: v.clone() for k, v in base.state_dict().items()}
         if args.hessian_check:
             result["hessian_check"] = hessian_check(ours_model, base, calib, ref)
             print("hessian check: max relative difference", result["hessian_check"]["max_relative_difference"], flush=True)
+            save()
+        del ours_model
         dense = {name: perplexity(base, w) for name, w in windows.items()}
         result["dense"] = dense
         print(f"dense: close {dense['close']:.3f} far {dense['far']:.3f} (ours float32: "
@@ -355,9 +359,7 @@ def main() -> None:
                            ratio_far=row["ours_far"] / row["reference_far"])
             result["rows"][name + (f" seed {args.seed}" if args.seed else "")] = row
             print(name, json.dumps(row), flush=True)
-            with open(args.out, "w") as f:  # after every row: a long run keeps what it finished
-                json.dump(result, f, indent=1)
-                f.write("\n")
+            save()
 
 
 if __name__ == "__main__":
