@@ -39,8 +39,8 @@ def get_config(preset: str = "default") -> ConfigDict:
 
     # One domain, as in the paper's protocol (its C4 is one distribution): the study is how methods rank under it.
     # configs/compress.py defaults to the mixed set that experiments/calibration_study.py found more robust. No
-    # compute_dtype key: the study's calibration passes run at the engine's default ("auto": bfloat16 where the
-    # hardware multiplies it natively, else float32).
+    # compute_dtype key: the study's calibration passes run at the engine's default ("auto", see
+    # configs/common.py).
     c.calib = common.calib_config(p["num_samples"], p["seq_len"], sources="topics",
                                   keys=("text_file", "sources", "num_samples", "seq_len", "seed", "batch_size"))
     c.eval = common.two_text_eval_config(p["close_windows"], p["far_windows"])

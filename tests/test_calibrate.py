@@ -171,13 +171,39 @@ def test_pruned_weights_keep_code_for_zero_on_the_default_asymmetric_grid(setup)
 
 
 def test_auto_compute_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
+    """``auto``: float32 without native bfloat16; with it, bfloat16 for pruning and ``mixed`` (float32
+    propagation) for quantizing transforms."""
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    for native, want in ((True, "bfloat16"), (False, "float32")):
+    for native, want, want_quantizing in ((True, "bfloat16", "mixed"), (False, "float32", "float32")):
         monkeypatch.setattr(calibrate, "cpu_has_native_bfloat16", lambda native=native: native)
         assert calibrate.resolve_compute_dtype("auto") == want
-    assert calibrate.resolve_compute_dtype("bfloat16") == "bfloat16"  # an explicit choice is kept
+        assert calibrate.resolve_compute_dtype("auto", quantizes=True) == want_quantizing
+    assert calibrate.resolve_compute_dtype("bfloat16", quantizes=True) == "bfloat16"  # an explicit choice is kept
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert calibrate.resolve_compute_dtype("auto") == "bfloat16"
+    assert calibrate.resolve_compute_dtype("auto", quantizes=True) == "mixed"
+
+
+def test_mixed_passes_take_statistics_in_bfloat16_and_propagate_in_float32(setup):
+    """``mixed``: the statistics pass is the bfloat16 runner's, bit for bit, and the propagation the float32
+    runner's; the two differ (so the check can tell them apart)."""
+    from llmopt_jax.compress.hessian import InputStats
+
+    _, pure, windows = setup
+    block = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), layer_params(pure["layers"], 0, False))
+    xs = jax.random.normal(jax.random.key(0), (2, 3, 16, CFG.d_model))
+    real = jnp.ones((2, 3), bool)
+    dims = {"attn_in": CFG.d_model, "attn_out": CFG.num_heads * CFG.head_dim, "mlp_in": CFG.d_model,
+            "mlp_out": CFG.mlp_dim}
+    runs = {}
+    for dtype in ("bfloat16", "float32", "mixed"):
+        runner = calibrate._BlockRunner(CFG, dtype)
+        stats = runner.statistics(block, xs, real, {g: InputStats.zeros(d) for g, d in dims.items()})
+        runs[dtype] = (np.asarray(stats["mlp_out"].xtx), np.asarray(runner.forward(block, xs)))
+    np.testing.assert_array_equal(runs["mixed"][0], runs["bfloat16"][0])
+    np.testing.assert_array_equal(runs["mixed"][1], runs["float32"][1])
+    assert not np.array_equal(runs["bfloat16"][1], runs["float32"][1])
+    assert not np.array_equal(runs["bfloat16"][0], runs["float32"][0])
 
 
 def test_report_names_the_resolved_dtype_and_skips_the_last_blocks_output(setup, monkeypatch):
@@ -186,15 +212,18 @@ def test_report_names_the_resolved_dtype_and_skips_the_last_blocks_output(setup,
     runner_cls = calibrate._BlockRunner
 
     class Counting(runner_cls):
-        def __init__(self, *args):
-            super().__init__(*args)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             inner = self.forward
             self.forward = lambda *a: forwards.append(1) or inner(*a)
 
     monkeypatch.setattr(calibrate, "_BlockRunner", Counting)
     _, report = compress_sequentially(CFG, pure, windows, sparsegpt(0.5), progress=False, compute_dtype="float32")
     assert report["compute_dtype"] == "float32"
-    assert len(forwards) == CFG.num_layers - 1  # nothing reads the last block's output
+    _, report = compress_sequentially(CFG, pure, windows, from_recipe([{"method": "gptq", "bits": 4}]),
+                                      progress=False, compute_dtype="mixed")
+    assert report["compute_dtype"] == "mixed"
+    assert len(forwards) == 2 * (CFG.num_layers - 1)  # nothing reads the last block's output
 
 
 def test_low_precision_error_report_matches_float32():

@@ -171,7 +171,8 @@ def compress(
     data-free recipes such as RTN or magnitude pruning).
 
     ``batch_size``: windows per step of the calibration passes (0 = auto); ``compute_dtype``: their matmul
-    operands (``bfloat16``, ``float32``, or ``auto``: bfloat16 where the hardware multiplies it natively). With
+    operands (``bfloat16``, ``float32``, ``mixed``: bfloat16 statistics and float32 propagation, or ``auto``: see
+    ``compress.calibrate.resolve_compute_dtype``). With
     ``mesh`` the result is placed on it under ``rules``. The input model is not modified.
     """
     from flax import nnx

@@ -171,7 +171,7 @@ def evaluate_model(model, texts: dict[str, tuple[np.ndarray, int]], eval_seq_len
 def compress_and_evaluate(model, recipe: list[dict], calib: np.ndarray | None,
                           texts: dict[str, tuple[np.ndarray, int]], eval_seq_len: int, eval_batch_size: int,
                           calib_batch_size: int = 0, progress: bool = False,
-                          compute_dtype: str = "bfloat16") -> dict[str, Any]:
+                          compute_dtype: str = "auto") -> dict[str, Any]:
     """``compress(model, recipe, calib)`` then :func:`evaluate_model`."""
     from llmopt_jax.compress.api import compress
 
