@@ -16,13 +16,13 @@ _common.loader.exec_module(common)
 PRESETS = {
     # Matrix solves at LLaMA-7B-like sizes, and all 30 blocks of SmolLM2-135M with the default calibration.
     "default": dict(sizes="4096,8192", repeats=3, num_samples=128, seq_len=512, model_repeats=1,
-                    model_layers=0, cpus=0, e2e_eval_windows=8),
+                    model_layers=0, cpus=0, e2e_eval_windows=8, e2e_repeats=1),
     # The end-to-end comparison: 32 x 512 calibration tokens, no matrix rows.
     "e2e": dict(sizes="", repeats=1, num_samples=32, seq_len=512, model_repeats=1, model_layers=0, cpus=0,
-                e2e_eval_windows=8),
+                e2e_eval_windows=8, e2e_repeats=3),
     # Small enough for 2 CPU cores in well under 3 minutes (one core: immune to a busy neighbour); works without torch.
     "smoke": dict(sizes="512", repeats=1, num_samples=8, seq_len=128, model_repeats=1,
-                  model_layers=2, cpus=1, e2e_eval_windows=1),
+                  model_layers=2, cpus=1, e2e_eval_windows=1, e2e_repeats=2),
 }
 
 
@@ -52,6 +52,7 @@ def get_config(preset: str = "default") -> ConfigDict:
     # (e) end to end, run first: the whole model pruned by our engine (each dtype) and by the PyTorch port.
     c.e2e_row = True
     c.e2e_dtypes = "bfloat16,float32"  # calibration matmul dtypes of our engine
+    c.e2e_repeats = p["e2e_repeats"]  # interleaved runs of every engine; medians reported
     c.e2e_torch_threads = 0  # 0 = all cores (the port's per-column loops can prefer 1 on a shared CPU)
     c.e2e_torch_batch_size = 8  # windows per forward of the port (upstream forwards one at a time)
     c.e2e_eval_windows = p["e2e_eval_windows"]  # windows of held-out text scored per pruned model

@@ -17,6 +17,9 @@ reference code's sequential procedure (``benchmarks/baselines/sparsegpt_torch_mo
 seconds split into statistics (block forwards that record the linear inputs, plus ``XᵀX``), solve, propagate
 (forwards of the pruned blocks) and other, and the perplexity of the pruned model on ``e2e_eval_windows`` windows
 of the held-out docstrings (our evaluator for both; its seconds too), so speed is compared at equal perplexity.
+Every engine runs ``e2e_repeats`` times, interleaved; the median run is reported (each of ours after
+``jax.clear_caches()``, so it compiles as a fresh process would: from the persistent compilation cache when that
+is on, as in every ``experiments.*`` run).
 
 (b) Model row: ``model`` pruned block by block (``compress_sequentially``, SparseGPT at ``sparsity`` /
 ``model_pattern``) on ``calib.num_samples`` x ``calib.seq_len`` calibration tokens. The transform records every
@@ -33,7 +36,8 @@ compiles included), ``ours_model_solver_seconds`` (the solves inside the engine,
 ``ours_model_relative_error`` / ``torch_model_relative_error`` (mean over matrices), ``mask_agreement_model``,
 ``model_num_matrices``, ``model_num_blocks``; ``cpus``; end to end, for ``{e}`` = ``ours_bfloat16``,
 ``ours_float32`` and ``torch``: ``e2e_{e}_seconds``, ``e2e_{e}_seconds_{statistics,solve,propagate,other}``,
-``e2e_{e}_perplexity``, ``e2e_{e}_eval_seconds``, and ``speedup_e2e_{dtype}`` (torch / ours). Torch keys are null
+``e2e_{e}_seconds_runs``, ``e2e_{e}_perplexity``, ``e2e_{e}_eval_seconds``, and ``speedup_e2e_{dtype}`` (torch /
+ours, medians). Torch keys are null
 when torch is not installed or ``torch=False``. Plots: prune.png (solver rows and end-to-end totals),
 end_to_end.png (the time breakdown).
 
