@@ -167,6 +167,7 @@ def evaluate_row(config, model, calib, texts, r: dict):
 def main(config, workdir):
     import os
 
+    from llmopt_jax.compress.calibrate import resolve_compute_dtype
     from llmopt_jax.compress.study import (ResumableRows, case_study_settings, check_case_study_inputs,
                                            decode_tokens_per_s, open_case_study, print_row, require_finished_rows)
     from llmopt_jax.jsonio import write_json
@@ -175,9 +176,12 @@ def main(config, workdir):
     for r in todo:  # validate every recipe before anything slow happens
         row_recipe(config, r)
     # The grid and the calibration passes' precision decide the numbers too: rows made before the integer
-    # zero-point grid (the quantization-grid issue) carry neither key and are refused, not mixed in.
+    # zero-point grid (the quantization-grid issue) carry neither key and are refused, not mixed in. The precision
+    # is stored resolved ("auto" means another mix on another host, and changed with the engine): the calibrated
+    # rows all quantize.
+    passes = resolve_compute_dtype(config.calib.compute_dtype, quantizes=True)
     settings = case_study_settings(config, smoothquant_alpha=config.smoothquant_alpha, qat_model=config.qat_model,
-                                   zero_point="int", compute_dtype=config.calib.compute_dtype)
+                                   zero_point="int", compute_dtype=passes)
     done = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
     missing_models = sorted({r["model"] for r in todo if r.get("model") and done.get(r) is None
                              and not os.path.isdir(r["model"])})
