@@ -19,7 +19,9 @@ Writes ``docs/results/gptq_reference_smollm2_cpu.json``: per row the reference's
 (from ``docs/results/quantization_case_study_rows.jsonl``, or ``--ours``) and the ratio ours / reference.
 ``--matrix-check`` also runs both GPTQ solvers on the same weights and Hessians (:func:`matrix_check`),
 ``--hessian-check`` compares the Hessians both pipelines collect for the first blocks (:func:`hessian_check`); ``--seed``
-draws other calibration windows (compare with our case study run at the same ``calib.seed``).
+draws other calibration windows (compare with our case study run at the same ``calib.seed``). After our side
+changed, ``--compare-only=0=docs/results/quantization_case_study_rows.jsonl,1=...seed1.jsonl`` refreshes our
+numbers and the ratios of the stored reference rows without running the reference.
 """
 
 from __future__ import annotations
@@ -278,9 +280,37 @@ def our_rows(path: str = OURS) -> dict[str, dict]:
     return rows
 
 
+def compare_row(row: dict, ours: dict | None) -> None:
+    """Puts our row's perplexities and the ratios ours / reference into ``row`` (a reference row of the JSON), with
+    the calibration precision our row ran at; without our row, removes stale ones."""
+    for key in ("ours_close", "ours_far", "ratio_close", "ratio_far", "ours_compute_dtype"):
+        row.pop(key, None)
+    if ours is not None:
+        row.update(ours_close=ours["perplexity_close"], ours_far=ours["perplexity_far"],
+                   ours_compute_dtype=ours.get("settings", {}).get("compute_dtype"))
+        row.update(ratio_close=row["ours_close"] / row["reference_close"],
+                   ratio_far=row["ours_far"] / row["reference_far"])
+
+
+def compare_only(out: str, ours_by_seed: dict[int, str]) -> dict:
+    """Refreshes the ours / ratio entries of ``out``'s stored reference rows from our rows files (seed -> path),
+    without running the reference (after our side changed)."""
+    with open(out) as f:
+        result = json.load(f)
+    ours = {seed: our_rows(path) for seed, path in ours_by_seed.items()}
+    for name, row in result["rows"].items():
+        base, _, seed = name.partition(" seed ")
+        compare_row(row, ours.get(int(seed or 0), {}).get(base))
+        print(name, {k: v for k, v in row.items() if k.startswith(("ours", "ratio"))}, flush=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gptq-repo", required=True, help="a checkout of github.com/IST-DASLab/gptq")
+    parser.add_argument("--gptq-repo", default="", help="a checkout of github.com/IST-DASLab/gptq (required to run it)")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -292,7 +322,14 @@ def main() -> None:
                         help="also compare the Hessians both pipelines collect for the first blocks (see hessian_check)")
     parser.add_argument("--matrix-check", action="store_true",
                         help="also compare both GPTQ solvers on the same weights and Hessians (see matrix_check)")
+    parser.add_argument("--compare-only", default="",
+                        help="SEED=ROWS.jsonl,...: only refresh ours and the ratios of the stored reference rows from "
+                             "these rows files (no reference run, no torch; --gptq-repo is then ignored)")
     args = parser.parse_args()
+    if args.compare_only:
+        compare_only(args.out, {int(seed): path for seed, path in
+                                (item.split("=", 1) for item in args.compare_only.split(",") if item)})
+        return
 
     import torch
 
@@ -300,6 +337,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not torch.cuda.is_available():  # fasterquant times itself with torch.cuda.synchronize(), which needs CUDA
         torch.cuda.synchronize = lambda *a, **k: None
+    if not args.gptq_repo:
+        parser.error("--gptq-repo is required (a checkout of github.com/IST-DASLab/gptq)")
     sys.path.insert(0, os.path.abspath(args.gptq_repo))
     import gptq as ref_gptq  # the reference's modules, from the checkout
     import quant as ref_quant
@@ -353,10 +392,7 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             row = {"reference_close": perplexity(base, windows["close"]), "reference_far": perplexity(base, windows["far"]),
                    "reference_seconds": round(seconds, 1)}
-            if name in ours:
-                row.update(ours_close=ours[name]["perplexity_close"], ours_far=ours[name]["perplexity_far"])
-                row.update(ratio_close=row["ours_close"] / row["reference_close"],
-                           ratio_far=row["ours_far"] / row["reference_far"])
+            compare_row(row, ours.get(name))
             result["rows"][name + (f" seed {args.seed}" if args.seed else "")] = row
             print(name, json.dumps(row), flush=True)
             save()
