@@ -182,6 +182,7 @@ def main(config, workdir):
     passes = resolve_compute_dtype(config.calib.compute_dtype, quantizes=True)
     settings = case_study_settings(config, smoothquant_alpha=config.smoothquant_alpha, qat_model=config.qat_model,
                                    zero_point="int", compute_dtype=passes)
+    settings["calib"]["compute_dtype"] = passes  # "auto" and the dtype it resolves to give the same rows
     done = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
     missing_models = sorted({r["model"] for r in todo if r.get("model") and done.get(r) is None
                              and not os.path.isdir(r["model"])})

@@ -38,14 +38,16 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-# row name -> (method, bits, act_order); per output channel, asymmetric grid (the reference's default).
+# row name -> (method, bits, act_order, group size); asymmetric grid, per output channel (-1) unless grouped (the
+# reference's groups are fitted as its fasterquant reaches them, like ours without static_groups).
 ROWS = {
-    "rtn 3-bit per channel": ("rtn", 3, False),
-    "rtn 4-bit per channel": ("rtn", 4, False),
-    "gptq 3-bit per channel": ("gptq", 3, False),
-    "gptq 3-bit per channel act-order": ("gptq", 3, True),
-    "gptq 4-bit per channel": ("gptq", 4, False),
-    "gptq 4-bit per channel act-order": ("gptq", 4, True),
+    "rtn 3-bit per channel": ("rtn", 3, False, -1),
+    "rtn 4-bit per channel": ("rtn", 4, False, -1),
+    "gptq 3-bit per channel": ("gptq", 3, False, -1),
+    "gptq 3-bit per channel act-order": ("gptq", 3, True, -1),
+    "gptq 4-bit per channel": ("gptq", 4, False, -1),
+    "gptq 4-bit per channel act-order": ("gptq", 4, True, -1),
+    "gptq 3-bit g64": ("gptq", 3, False, 64),
 }
 OURS = os.path.join(ROOT, "docs", "results", "quantization_case_study_rows.jsonl")
 OUT = os.path.join(ROOT, "docs", "results", "gptq_reference_smollm2_cpu.json")
@@ -113,7 +115,7 @@ def rtn(model, bits: int, ref) -> None:
 
 
 def gptq_sequential(model, calib: np.ndarray, bits: int, act_order: bool, ref, damp: float = 0.01,
-                    hessian_blocks: int = 0) -> dict:
+                    hessian_blocks: int = 0, group_size: int = -1) -> dict:
     """The reference's ``llama_sequential`` (default mode) with its ``GPTQ`` and ``Quantizer`` classes.
 
     ``hessian_blocks`` > 0: quantize nothing; return the Hessians the reference's ``add_batch`` collects for the
@@ -179,7 +181,7 @@ def gptq_sequential(model, calib: np.ndarray, bits: int, act_order: bool, ref, d
                 if hessian_blocks:
                     hessians[(i, name.split(".")[-1])] = solvers[name].H.double().numpy()
                 else:
-                    solvers[name].fasterquant(percdamp=damp, groupsize=-1, actorder=act_order)
+                    solvers[name].fasterquant(percdamp=damp, groupsize=group_size, actorder=act_order)
                 solvers[name].free()
             for j in range(n):
                 outs[j] = run(layer, inps[j])
@@ -382,13 +384,13 @@ def main() -> None:
         print(f"dense: close {dense['close']:.3f} far {dense['far']:.3f} (ours float32: "
               f"{ours['float32']['perplexity_close']:.3f} / {ours['float32']['perplexity_far']:.3f})", flush=True)
         for name in [r for r in args.rows.split(",") if r]:
-            method, bits, act_order = ROWS[name]
+            method, bits, act_order, group_size = ROWS[name]
             base.load_state_dict(state)
             t0 = time.perf_counter()
             if method == "rtn":
                 rtn(base, bits, ref)
             else:
-                gptq_sequential(base, calib, bits, act_order, ref)
+                gptq_sequential(base, calib, bits, act_order, ref, group_size=group_size)
             seconds = time.perf_counter() - t0
             row = {"reference_close": perplexity(base, windows["close"]), "reference_far": perplexity(base, windows["far"]),
                    "reference_seconds": round(seconds, 1)}

@@ -171,17 +171,18 @@ def test_pruned_weights_keep_code_for_zero_on_the_default_asymmetric_grid(setup)
 
 
 def test_auto_compute_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
-    """``auto``: float32 without native bfloat16; with it, bfloat16 for pruning and ``mixed`` (float32
-    propagation) for quantizing transforms."""
+    """``auto``: bfloat16 for pruning where the hardware multiplies it natively, float32 elsewhere and for every
+    quantizing transform."""
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    for native, want, want_quantizing in ((True, "bfloat16", "mixed"), (False, "float32", "float32")):
+    for native, want in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(calibrate, "cpu_has_native_bfloat16", lambda native=native: native)
         assert calibrate.resolve_compute_dtype("auto") == want
-        assert calibrate.resolve_compute_dtype("auto", quantizes=True) == want_quantizing
+        assert calibrate.resolve_compute_dtype("auto", quantizes=True) == "float32"
     assert calibrate.resolve_compute_dtype("bfloat16", quantizes=True) == "bfloat16"  # an explicit choice is kept
+    assert calibrate.resolve_compute_dtype("mixed") == "mixed"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert calibrate.resolve_compute_dtype("auto") == "bfloat16"
-    assert calibrate.resolve_compute_dtype("auto", quantizes=True) == "mixed"
+    assert calibrate.resolve_compute_dtype("auto", quantizes=True) == "float32"
 
 
 def test_mixed_passes_take_statistics_in_bfloat16_and_propagate_in_float32(setup):
