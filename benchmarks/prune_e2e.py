@@ -37,7 +37,6 @@ def end_to_end_rows(config, with_torch: bool) -> dict:
     n, m = (int(v) for v in pattern.split(":")) if pattern else (0, 0)
     del model
     out: dict = {}
-    repeats = max(1, int(config.get("e2e_repeats", 1)))
 
     def evaluate(engine, new_pure):
         result = evaluate_perplexity(*load_params(cfg, new_pure), eval_tokens, config.eval_seq_len,
@@ -71,6 +70,7 @@ def end_to_end_rows(config, with_torch: bool) -> dict:
         engines["torch"] = torch_port
         out["e2e_torch_threads"] = threads
     runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+    repeats = config.e2e_repeats
     for repeat in range(repeats):  # interleaved, so that a shared CPU slows every engine alike
         for engine, run in engines.items():
             new_pure, timing = run()

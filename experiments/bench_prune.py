@@ -68,8 +68,10 @@ def main(config, workdir):
 
     patterns = [parse_pattern(config.sparsity, p)
                 for p in parse_list(config.patterns, "patterns", str, item="pattern", example="unstructured,2:4")]
-    if config.repeats < 1 or config.model_repeats < 1 or any(n < 8 for n in sizes) or config.tokens < 0:
-        raise ConfigError("bench_prune needs repeats >= 1, model_repeats >= 1, sizes >= 8 and tokens >= 0")
+    if (config.repeats < 1 or config.model_repeats < 1 or config.e2e_repeats < 1 or any(n < 8 for n in sizes)
+            or config.tokens < 0):
+        raise ConfigError("bench_prune needs repeats >= 1, model_repeats >= 1, e2e_repeats >= 1, sizes >= 8 and "
+                          "tokens >= 0")
     if config.cpus < 0 or config.model_layers < 0:
         raise ConfigError("bench_prune needs cpus >= 0 and model_layers >= 0 (0 = all)")
     workdir = cli.prepare_workdir(config, workdir)

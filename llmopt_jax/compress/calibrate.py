@@ -148,10 +148,9 @@ class _BlockRunner:
         def split(dot):
             return nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0), dot_general=dot)))
 
-        low = split(bfloat16_dot_general) if self.low_precision else None
-        exact = split(jax.lax.dot_general) if self.compute_dtype != "bfloat16" else None
-        self.statistics_block = low or exact
-        self.propagate_block = exact if self.compute_dtype != "bfloat16" else low
+        self.statistics_block = split(bfloat16_dot_general if self.low_precision else jax.lax.dot_general)
+        # Only "mixed" propagates at another precision than its statistics passes run.
+        self.propagate_block = split(jax.lax.dot_general) if self.compute_dtype == "mixed" else self.statistics_block
         self.statistics = jax.jit(self._statistics)
         self.forward = jax.jit(self._forward)
 
