@@ -78,8 +78,8 @@ def load_config(name: str, preset: str):
 
 class _ForkServer:
     """The client of ``tests/cli_forkserver.py``: runs ``python -m ARGS...`` in a forked child of a process that has
-    imported JAX and the library already (~2 s less per CLI run; the suite starts ~150). Used by :func:`run_cli`
-    while the environment is the one the server started with; ``LLMOPT_JAX_TEST_FORKSERVER=0`` turns it off."""
+    imported JAX and the library already (~2 s less per CLI run; the suite starts ~150), all in the environment
+    the server started with. Used by :func:`run_cli`; ``LLMOPT_JAX_TEST_FORKSERVER=0`` turns it off."""
 
     def __init__(self, env: dict):
         self.env = env
@@ -141,30 +141,34 @@ class _ForkServer:
             self.proc.kill()
 
 
-_fork_server: _ForkServer | None = None
+_fork_servers: dict[tuple, _ForkServer] = {}  # one per environment the CLI runs asked for
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # see the XLA_FLAGS note at the top
 
 
-def _same_environment(a: dict, b: dict) -> bool:
-    """Whether a process started with ``b`` imports the libraries as one started with ``a`` did (pytest's
-    per-test ``PYTEST_CURRENT_TEST`` aside; the child gets ``b`` itself)."""
-    ignore = {"PYTEST_CURRENT_TEST"}
-    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+def _environment_key(env: dict) -> tuple:
+    """What a process started with ``env`` imports the libraries under (pytest's per-test ``PYTEST_CURRENT_TEST``
+    aside; a forked child gets ``env`` itself)."""
+    return tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST"))
 
 
-def run_cli(args, env_extra=None, timeout=600, **kwargs):
-    """Runs ``python -m ARGS...`` from the repository root; returns the CompletedProcess. Plain runs go through the
-    fork server (:class:`_ForkServer`); runs with another environment or ``subprocess`` options start a process."""
-    global _fork_server
+def run_cli(args, env_extra=None, timeout=600, fast_compile=False, **kwargs):
+    """Runs ``python -m ARGS...`` from the repository root; returns the CompletedProcess. ``fast_compile``: XLA
+    without LLVM optimisation, for runs on small models whose time is compilation. Runs go through a fork server
+    (:class:`_ForkServer`, one per environment); runs with ``subprocess`` options start a process."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # subprocesses see one CPU device unless the test says otherwise
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env.update(env_extra or {})
+    if fast_compile:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
     if not kwargs and os.environ.get("LLMOPT_JAX_TEST_FORKSERVER", "1") != "0":
-        if _fork_server is None:
-            _fork_server = _ForkServer(env)
-            atexit.register(_fork_server.close)
-        if _fork_server.ok and _same_environment(_fork_server.env, env):
-            proc = _fork_server.run(list(args), env, timeout)
+        key = _environment_key(env)
+        server = _fork_servers.get(key)
+        if server is None and len(_fork_servers) < 4:
+            server = _fork_servers[key] = _ForkServer(env)
+            atexit.register(server.close)
+        if server is not None and server.ok:
+            proc = server.run(list(args), env, timeout)
             if proc is not None:
                 return proc
     return subprocess.run(

@@ -121,7 +121,8 @@ def test_train_cli_on_packed_paragraphs(tmp_path):
     from tests.conftest import run_cli
 
     proc = run_cli(["experiments.train", "--config=configs/train.py:tiny", f"--workdir={tmp_path / 'run'}",
-                    "--config.data.documents=paragraphs", "--config.train.steps=3", "--config.train.progress=False"])
+                    "--config.data.documents=paragraphs", "--config.train.steps=3", "--config.train.progress=False"],
+                   fast_compile=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["steps"] == 3 and np.isfinite(results["final_loss"])

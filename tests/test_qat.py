@@ -38,7 +38,8 @@ def test_fake_quant_dot_general_quantizes_the_kernel_along_its_inputs():
 
 def test_train_loop_runs_quantization_aware(tmp_path):
     proc = run_cli(["experiments.train", "--config=configs/train.py:tiny", "--config.qat.bits=4",
-                    "--config.qat.group_size=16", "--config.train.progress=False", f"--workdir={tmp_path}/qat"])
+                    "--config.qat.group_size=16", "--config.train.progress=False", f"--workdir={tmp_path}/qat"],
+                   fast_compile=True)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "qat" / "results.json").read_text())
     assert results["steps"] == 20 and results["final_loss"] < results["initial_loss"]

@@ -28,7 +28,7 @@ def test_grid_values_take_the_train_configs_types():
 
 def test_smoke_sweep_ranks_runs_and_resumes(tmp_path):
     args = ["experiments.sweep", "--config=configs/sweep.py:smoke", "--config.progress=False", f"--workdir={tmp_path}"]
-    proc = run_cli(args)
+    proc = run_cli(args, fast_compile=True)  # 2 runs x 3 steps: compilation is the time
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["values"]["optim.learning_rate"] for r in results["rows"]] == [0.001, 0.01]
@@ -39,7 +39,7 @@ def test_smoke_sweep_ranks_runs_and_resumes(tmp_path):
     for r in results["rows"]:
         assert json.loads((tmp_path / "runs" / run_name(r["values"]) / "results.json").read_text())["steps"] == 3
     assert (tmp_path / "sweep.png").stat().st_size > 5_000
-    again = run_cli(args)
+    again = run_cli(args, fast_compile=True)
     assert again.returncode == 0 and "final_loss_mean_last10=" not in again.stdout, again.stderr
 
 
