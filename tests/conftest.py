@@ -233,13 +233,14 @@ def smollm2_gguf():
     return f, cfg, pure
 
 
-# Seconds the heaviest modules took in `make test` (2-core host, workers pinned; Dec 2026), to start them first.
+# Seconds the heaviest modules took in `make test` (2-core host, workers pinned, compilation cache cold; 3 Dec 2026),
+# to start them first.
 MODULE_SECONDS = {
-    "test_notebook_quantization.py": 157, "test_compress_cli.py": 100, "test_lora.py": 128,
-    "test_real_model_cli.py": 102, "test_notebook_quickstart.py": 92, "test_moe.py": 82,
-    "test_notebook_sparsegpt_case_study.py": 80, "test_serve_cli.py": 79, "test_train.py": 77,
-    "test_experiments.py": 76, "test_multiprocess.py": 71, "test_quantization_case_study.py": 60,
-    "test_qmoe_case_study.py": 55, "test_workdir.py": 50,
+    "test_notebook_quantization.py": 153, "test_compress_cli.py": 128, "test_real_model_cli.py": 111,
+    "test_experiments.py": 100, "test_lora.py": 97, "test_notebook_quickstart.py": 96,
+    "test_notebook_sparsegpt_case_study.py": 81, "test_reference_llamacpp.py": 80, "test_serve_cli.py": 78,
+    "test_multiprocess.py": 71, "test_quantization_case_study.py": 64, "test_gguf_write.py": 60, "test_packed.py": 58,
+    "test_serve_engine.py": 57, "test_moe.py": 56, "test_qmoe_case_study.py": 55, "test_workdir.py": 55,
 }
 
 
