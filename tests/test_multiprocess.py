@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from benchmarks.serve_load import free_port
-from conftest import ROOT, run_cli
+from conftest import FAST_COMPILE, ROOT, run_cli
 
 STEPS = ["--config.train.steps=3", "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=5",
          "--config.train.async_checkpoint=False", "--config.train.log_every=1", "--config.train.progress=False"]
@@ -25,7 +25,8 @@ TRAIN = ["experiments.train", "--config=configs/train.py:smoke", *STEPS]
 
 
 def devices(n: int) -> dict:
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+    """``n`` CPU devices; XLA without LLVM optimisation (3 steps of the smoke model: compilation is the time)."""
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {FAST_COMPILE}", "JAX_PLATFORMS": "cpu"}
 
 
 def losses(workdir) -> list[float]:
