@@ -7,9 +7,10 @@ own exit status, stdout, stderr, signals and devices, so the tests see what a us
 Forking is only safe before any XLA backend or thread exists; this server never touches a device and refuses to
 serve (the caller then starts real processes) if an import started a thread or a backend.
 
-Protocol (one JSON object per line): the caller writes ``{"args": [...], "env": {...}, "stdout": PATH, "stderr": PATH}``; the
-server answers ``{"pid": N}`` once the child runs and ``{"returncode": N}`` when it has exited. The server's first
-line is ``{"ready": true}`` or ``{"ready": false, "why": ...}``.
+Protocol (one JSON object per line): the caller writes
+``{"args": [...], "env": {...}, "stdout": PATH, "stderr": PATH}``; the server answers ``{"pid": N}`` once the
+child runs and ``{"returncode": N}`` when it has exited. The server's first line is ``{"ready": true}`` or
+``{"ready": false, "why": ...}``.
 """
 
 import json

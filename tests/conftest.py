@@ -110,7 +110,8 @@ class _ForkServer:
         with tempfile.TemporaryDirectory(prefix="llmopt_cli_") as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
             try:
-                self.proc.stdin.write((json.dumps({"args": args, "env": env, "stdout": out, "stderr": err}) + "\n").encode())
+                request = {"args": args, "env": env, "stdout": out, "stderr": err}
+                self.proc.stdin.write((json.dumps(request) + "\n").encode())
                 self.proc.stdin.flush()
             except OSError:
                 self.ok = False
