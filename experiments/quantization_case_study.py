@@ -194,13 +194,13 @@ def main(config, workdir):
     else:
         texts = check_case_study_inputs(config)  # before the workdir is touched
     workdir = cli.prepare_workdir(config, workdir)
+    finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
     if config.report_only:
-        finished = ResumableRows(os.path.join(workdir, "rows.jsonl"), row_key, settings)
         missing = [label(r) for r in todo if finished.get(r) is None]
         if missing:
             print(f"{len(missing)} rows not run yet: {', '.join(missing)}")
         todo = [r for r in todo if finished.get(r) is not None]
-    else:
+    elif any(finished.get(r) is None for r in todo):  # every row on disk: the table is rewritten without the model
         finished, model, texts, calib = open_case_study(config, workdir, row_key, settings, texts)
         prompt = list(texts["close"][0][:32])
     decode_by_format = {storage_format(r): r["decode_tokens_per_s"] for r in finished.done.values()
