@@ -19,15 +19,15 @@ import sys
 
 # The heavy libraries the CLIs import, then every module of the library (the experiments import them in main()).
 PRELOAD = ("numpy", "jax", "jax.numpy", "flax.linen", "flax.nnx", "optax", "orbax.checkpoint", "ml_collections",
-           "absl.app", "absl.flags", "absl.logging", "tqdm", "llmopt_jax")
+           "absl.app", "absl.flags", "absl.logging", "tqdm")
 
 
 def _preload() -> str | None:
-    """Imports :data:`PRELOAD`; returns why forking would be unsafe afterwards, or None."""
+    """Imports :data:`PRELOAD` and every ``llmopt_jax`` module; returns why forking would be unsafe afterwards, or
+    None."""
     import importlib
-    import threading
-
     import pkgutil
+    import threading
 
     def load(name: str):
         try:

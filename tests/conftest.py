@@ -26,13 +26,14 @@ def _pin_xdist_worker() -> None:
 _pin_xdist_worker()
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 # The suite compiles hundreds of small programs and runs each a few times: LLVM's optimisation passes are most of
 # the compile time and buy nothing on a 2-layer model (measured cold on 2 cores: test_moe, test_train,
 # test_serve_engine and test_model 231 s -> 124 s). Only this process and its in-process tests: the CLIs and
 # notebook kernels the tests start run the real model with XLA's defaults (run_cli and execute_notebook drop
-# XLA_FLAGS). An explicit level in XLA_FLAGS wins.
+# XLA_FLAGS; run_cli(..., fast_compile=True) asks for it). An explicit level in XLA_FLAGS wins.
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The persistent compilation cache the CLIs use (llmopt_jax.cli.enable_compilation_cache), also for this process,
@@ -82,7 +83,6 @@ class _ForkServer:
     the server started with. Used by :func:`run_cli`; ``LLMOPT_JAX_TEST_FORKSERVER=0`` turns it off."""
 
     def __init__(self, env: dict):
-        self.env = env
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tests", "cli_forkserver.py"), ROOT], cwd=ROOT, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -114,24 +114,39 @@ class _ForkServer:
                 self.proc.stdin.write((json.dumps(request) + "\n").encode())
                 self.proc.stdin.flush()
             except OSError:
-                self.ok = False
+                self._abandon(None)
                 return None
-            started = self._message(deadline=time.monotonic() + 60)
-            if started is None:
-                self.ok = False
-                return None
-            finished = self._message(deadline=time.monotonic() + timeout)
-            timed_out = finished is None and self.ok
-            if timed_out:
-                os.kill(started["pid"], signal.SIGKILL)
-                finished = self._message(deadline=time.monotonic() + 60)
-            if finished is None:
-                self.ok = False
-                raise RuntimeError(f"the CLI fork server died running {args}")
+            started = None
+            try:
+                started = self._message(deadline=time.monotonic() + 60)
+                if started is None:
+                    self._abandon(None)
+                    return None
+                finished = self._message(deadline=time.monotonic() + timeout)
+                timed_out = finished is None and self.ok
+                if timed_out:
+                    os.kill(started["pid"], signal.SIGKILL)
+                    finished = self._message(deadline=time.monotonic() + 60)
+                if finished is None:
+                    raise RuntimeError(f"the CLI fork server died running {args}")
+            except BaseException:
+                # A test interrupted mid-run (pytest-timeout, Ctrl-C) would leave the child's exit status unread and
+                # the next request reading it: stop the child and this server, later runs start plain processes.
+                self._abandon(started)
+                raise
             read = lambda path: open(path, encoding="utf-8", errors="replace").read()  # noqa: E731
             if timed_out:
                 raise subprocess.TimeoutExpired(cmd, timeout, output=read(out), stderr=read(err))
             return subprocess.CompletedProcess(cmd, finished["returncode"], read(out), read(err))
+
+    def _abandon(self, started: dict | None) -> None:
+        """Stops the child of ``started`` (if any) and the server; the server serves no more."""
+        self.ok = False
+        if started is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(started["pid"], signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -143,7 +158,6 @@ class _ForkServer:
 
 
 _fork_servers: dict[tuple, _ForkServer] = {}  # one per environment the CLI runs asked for
-FAST_COMPILE = "--xla_backend_optimization_level=0"  # see the XLA_FLAGS note at the top
 
 
 def _environment_key(env: dict) -> tuple:

@@ -133,7 +133,8 @@ def test_aot_memory_of_llama2_7b_on_fake_fsdp_mesh():
 
 
 def test_aot_memory_cli(tmp_path):
-    proc = run_cli(["experiments.aot_memory", "--config=configs/train.py:tiny", f"--workdir={tmp_path}"], fast_compile=True)
+    proc = run_cli(["experiments.aot_memory", "--config=configs/train.py:tiny", f"--workdir={tmp_path}"],
+                   fast_compile=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["num_devices"] == 8 and results["temp_bytes_per_device"] > 0
