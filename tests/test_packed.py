@@ -65,7 +65,9 @@ def test_packed_matmul_equals_dequantized_matmul(grid, kernel_shape, n_in):
     dims = ((tuple(range(2, 2 + n_in)), tuple(range(n_in))), ((), ()))
     got = packed_dot_general(x, packed, dims, preferred_element_type=jnp.float32)
     want = jax.lax.dot_general(x, jnp.asarray(dense), dims, preferred_element_type=jnp.float32)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # On the CPU these few rows go to the compiled kernel (kernels/cpu.py), which sums per group as
+    # scale·Σx·u + (zero-point term)·Σx: a different rounding order, so the tolerance is relative to the outputs.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
 CFG = TINY_CFG

@@ -183,11 +183,35 @@ def pack_embedding(pure: dict, grid) -> dict:
 
 def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """``jax.lax.dot_general`` that accepts a packed right operand (a :class:`PackedTensor` or a ternary
-    ``codec.TernaryCodec``), dequantized (decoded) in the step."""
+    ``codec.TernaryCodec``), dequantized (decoded) in the step.
+
+    On the CPU, a decode-sized product (a few rows) with an int4/int8 kernel runs the compiled kernel of
+    ``kernels/cpu.py`` instead, which never writes the float weights out (same result up to float summation order).
+    """
     if is_packed(rhs):
+        if _use_cpu_kernel(lhs, rhs, dimension_numbers):
+            from llmopt_jax.kernels import cpu
+
+            y = cpu.packed_matmul(lhs, rhs)
+            return y.astype(preferred_element_type or lhs.dtype)
         rhs = rhs.dequantize(lhs.dtype)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
+
+
+def _use_cpu_kernel(lhs, rhs, dimension_numbers) -> bool:
+    """Whether this product goes to the CPU kernel: CPU backend, the layer's own contraction (trailing dims of
+    ``lhs`` with the kernel's input dims, no batch dims), a shape the kernel takes, and the kernel builds."""
+    if jax.default_backend() != "cpu" or not isinstance(rhs, PackedTensor):
+        return False
+    (contract_l, contract_r), (batch_l, batch_r) = dimension_numbers
+    n_in = rhs.n_in
+    if batch_l or batch_r or tuple(contract_r) != tuple(range(n_in)) or \
+            tuple(contract_l) != tuple(range(lhs.ndim - n_in, lhs.ndim)):
+        return False
+    from llmopt_jax.kernels import cpu
+
+    return cpu.supports(lhs.shape, rhs) and cpu.available()
 
 
 def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int], dictionary=None, *,

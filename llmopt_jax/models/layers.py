@@ -115,8 +115,10 @@ class Embed(nnx.Module):
         """``x`` ``[B, L, D]`` -> logits ``[B, L, V]`` against the embedding table."""
         table = self.embedding.get_value()
         if getattr(table, "is_packed", False):  # packed as the LM head's [D, V] kernel
-            return jnp.einsum("bld,dv->blv", x.astype(self.dtype), table.dequantize(self.dtype),
-                              preferred_element_type=jnp.float32)
+            from llmopt_jax.compress.packed import packed_dot_general
+
+            return packed_dot_general(x.astype(self.dtype), table, (((2,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
         return jnp.einsum("bld,vd->blv", x.astype(self.dtype), table.astype(self.dtype),
                           preferred_element_type=jnp.float32)
 

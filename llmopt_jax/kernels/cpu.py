@@ -1,0 +1,169 @@
+"""CPU kernels compiled on first use: the packed int4/int8 matmul of ``cpu_packed_matmul.cc`` through XLA's FFI.
+
+:func:`packed_matmul` multiplies a few rows of activations by a :class:`~llmopt_jax.compress.packed.PackedTensor`
+without dequantizing it into a float temporary (XLA:CPU's own path; see the ``.cc`` file for why). It is what
+``packed_dot_general`` runs on the CPU for decode-sized products (at most :data:`MAX_ROWS` rows); larger ones
+(prefill, training) keep XLA's dequantize-then-dot, which uses its tuned matrix-matrix product.
+
+The source is compiled once per machine with the system C++ compiler (``-O3 -march=native``) into
+``$LLMOPT_JAX_KERNEL_CACHE`` (default ``~/.cache/llmopt_jax/kernels``), keyed by a hash of the source, the flags,
+the compiler and jaxlib, and written atomically. Without a compiler (one warning says why) or AVX-512 (the
+kernel's instruction set), or with ``LLMOPT_JAX_CPU_KERNELS=0``, :func:`available` is False and callers keep the
+XLA path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("cpu_packed_matmul.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+MAX_ROWS = 16  # rows of activations up to which the kernel beats XLA's dequantize + dot (decode, not prefill)
+SUPPORTED_BITS = (4, 8)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _cache_dir() -> Path:
+    return Path(os.path.expanduser(os.environ.get("LLMOPT_JAX_KERNEL_CACHE",
+                                                  os.path.join("~", ".cache", "llmopt_jax", "kernels"))))
+
+
+def build(source: Path = SOURCE) -> Path:
+    """Compiles ``source`` into a shared library (once: later calls find it in the cache) and returns its path.
+    Raises ``RuntimeError`` with the compiler's message when that fails."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    except OSError as e:
+        raise RuntimeError(f"the C++ compiler {cxx!r} cannot be run: {e}") from e
+    key = hashlib.sha256("\n".join([source.read_text(), " ".join(FLAGS), cxx, *version, importlib.metadata.version("jaxlib"),
+                                    platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", tmp],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"compiling {source.name} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, target)  # atomic: processes compiling at once each install a whole library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (``-march=native`` compiles for them), so a cache shared between machines differs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@functools.cache
+def _target_name() -> str | None:
+    """Registers the kernel with XLA (once per process) and returns its target name, or None when unavailable."""
+    if os.environ.get("LLMOPT_JAX_CPU_KERNELS", "1").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    try:
+        path = build()
+        library = ctypes.cdll.LoadLibrary(str(path))
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"llmopt_jax CPU kernels unavailable, packed matmuls use XLA's dequantize + dot: {e}",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    if not library.LlmoptKernelIsa():  # written for AVX-512; elsewhere XLA's path is the better one
+        return None
+    name = f"llmopt_packed_matmul_{path.stem.rsplit('-', 1)[-1]}"  # a new source gets a new name (cached executables)
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(library.LlmoptPackedMatmul), platform="cpu")
+    return name
+
+
+def available() -> bool:
+    """True when the CPU kernel is compiled and registered (builds it on the first call)."""
+    return _target_name() is not None
+
+
+def supports(x_shape: tuple[int, ...], packed) -> bool:
+    """Whether :func:`packed_matmul` takes activations of ``x_shape`` (contracting the trailing ``packed.n_in``
+    dims) against ``packed``: a one-layer int4/int8 :class:`PackedTensor` and at most :data:`MAX_ROWS` rows."""
+    from llmopt_jax.compress.packed import PackedTensor
+
+    if not isinstance(packed, PackedTensor) or packed.bits not in SUPPORTED_BITS or packed.data.ndim != 2:
+        return False
+    rows = math.prod(x_shape[: len(x_shape) - packed.n_in])
+    groups = packed.scale.shape[0]
+    k = math.prod(packed.shape[: packed.n_in])
+    return rows <= MAX_ROWS and k % groups == 0 and (packed.bits == 8 or (k // groups) % 2 == 0)
+
+
+def packed_matmul(x: jax.Array, packed) -> jax.Array:
+    """``x`` float ``[..., *in_shape]`` times the packed kernel ``[*in_shape, *out_shape]`` -> float32
+    ``[..., *out_shape]``, on the CPU kernel (check :func:`supports` and :func:`available` first). Differentiable
+    in ``x`` (the backward pass dequantizes the kernel, as XLA's path does)."""
+    return _packed_matmul(x, packed)
+
+
+def _reference(x, packed):
+    k = math.prod(packed.shape[: packed.n_in])
+    w = packed.dequantize(jnp.float32).reshape(k, -1)
+    lead = x.shape[: x.ndim - packed.n_in]
+    return (x.reshape(-1, k).astype(jnp.float32) @ w).reshape(lead + packed.shape[packed.n_in:])
+
+
+@jax.custom_vjp
+def _packed_matmul(x, packed):
+    name = _target_name()
+    if name is None:
+        raise RuntimeError("the CPU packed-matmul kernel is unavailable (see the warning above)")
+    k = math.prod(packed.shape[: packed.n_in])
+    n = math.prod(packed.shape[packed.n_in:])
+    lead = x.shape[: x.ndim - packed.n_in]
+    rows = math.prod(lead)
+    empty_u8, empty_f16 = jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float16)
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((rows, n), jnp.float32), vmap_method="sequential")
+    y = call(x.reshape(rows, k).astype(jnp.float32), packed.data, packed.scale.astype(jnp.float16),
+             empty_u8 if packed.zero is None else packed.zero.astype(jnp.uint8),
+             empty_f16 if packed.offset is None else packed.offset.astype(jnp.float16),
+             bits=np.int64(packed.bits), lo=np.int64(packed.lo))
+    return y.reshape(lead + packed.shape[packed.n_in:])
+
+
+def _fwd(x, packed):
+    return _packed_matmul(x, packed), (x, packed)
+
+
+def _bwd(residuals, g):
+    x, packed = residuals
+    _, vjp = jax.vjp(_reference, x, packed)
+    return vjp(g)
+
+
+_packed_matmul.defvjp(_fwd, _bwd)
