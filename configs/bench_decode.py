@@ -32,9 +32,10 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     # Packed quantized weights, comma-separated intBITS/GROUP (GROUP -1 = per channel): decoded from the packed
     # arrays (compress/packed.py); int8/32 and int4/32 are llama.cpp's Q8_0 and Q4_0 grids.
     c.packed = p["packed"]
-    # Also pack the token embedding / tied LM head at the same bits, as llama.cpp's files do. With the compiled CPU
-    # kernel (llmopt_jax/kernels) the packed head is the faster one (int4 batch 1: 77 vs 64 tokens/s); on XLA's
-    # dequantize-then-dot path it is much slower (16 vs 40 tokens/s), so turn it off where the kernel is unavailable.
-    c.packed_embedding = True
+    # Also pack the token embedding / tied LM head at the row's bits, as llama.cpp's files do: "yes", "no", or
+    # "auto" = where the compiled CPU kernel (llmopt_jax/kernels) takes those bits. With the kernel the packed head
+    # is the faster one (int4 batch 1: 77 vs 64 tokens/s); on XLA's dequantize-then-dot path (int3, no AVX-512,
+    # GPU) dequantizing the whole 49152 x 576 head every token is much slower (int4: 16 vs 40 tokens/s).
+    c.packed_embedding = "auto"
     c.threads = 0  # llama.cpp threads; 0 = os.cpu_count()
     return c

@@ -3,7 +3,7 @@
     python -m experiments.bench_decode --config=configs/bench_decode.py:smollm2 --workdir=runs/bench_decode
 
 For each dtype x batch, and for each packed format (``packed``: RTN-quantized weights that stay packed, symmetric
-like llama.cpp's Q8_0/Q4_0, the embedding too with ``packed_embedding=True``): prefill tokens/s (``batch *
+like llama.cpp's Q8_0/Q4_0, the embedding too per ``packed_embedding``): prefill tokens/s (``batch *
 prompt_len`` prompt tokens through the jitted prefill) and decode tokens/s (new tokens per second summed over the
 batch), medians of ``repeats`` timed runs after a warm-up run that compiles (``benchmarks/decode_timing.py``).
 Baselines measured in the same process: (a) llama.cpp (llama-cpp-python, batch 1, same prompt) on GGUFs of
@@ -29,6 +29,15 @@ def parse_packed(spec: str) -> tuple[int, int]:
         raise ConfigError(f"packed row {spec!r}: group size must be an integer") from e
 
 
+def kernel_takes(bits: int) -> bool:
+    """Whether the compiled CPU kernel (``llmopt_jax/kernels``) multiplies ``bits``-bit packed weights here."""
+    import jax
+
+    from llmopt_jax.kernels import cpu
+
+    return jax.default_backend() == "cpu" and bits in cpu.SUPPORTED_BITS and cpu.available()
+
+
 def main(config, workdir):
     from llmopt_jax.config_checks import parse_list
     from llmopt_jax.errors import ConfigError
@@ -38,6 +47,8 @@ def main(config, workdir):
     batches = parse_list(config.batches, "batches", int, positive=True, item="batch", example="1,8")
     packed = [parse_packed(spec) for spec in parse_list(config.packed, "packed", str, example="int8/32,int4/32")]
     llama_cpp_types = parse_list(config.llama_cpp_types, "llama_cpp_types", str, example="F32,Q8_0,Q4_0")
+    if config.packed_embedding not in ("auto", "yes", "no"):
+        raise ConfigError(f"packed_embedding must be auto, yes or no, got {config.packed_embedding!r}")
     if config.prompt_len < 1 or config.new_tokens < 2 or config.repeats < 1 or not dtypes or not batches:
         raise ConfigError("bench_decode needs prompt_len >= 1, new_tokens >= 2, repeats >= 1, dtypes and batches")
 
@@ -85,7 +96,7 @@ def main(config, workdir):
         # (llmopt_jax/kernels: decode-sized int4/int8 products) scanned is still a little faster (77 vs 69).
         model = load_pretrained(config.model, scan_layers=True)
         recipe = [{"method": "rtn", "bits": bits, "group_size": group, "symmetric": True}]
-        if config.packed_embedding:
+        if config.packed_embedding == "yes" or (config.packed_embedding == "auto" and kernel_takes(bits)):
             recipe.append({"method": "embedding", "bits": bits})
         quantized = compress(model, recipe, progress=False)
         dtype = f"int{bits}" + (f"_g{group}" if group > 0 else "")

@@ -201,6 +201,7 @@ def test_calibration_study(tmp_path, overrides, expected):
     ("bench_decode", ["--config.batches=1,0"], "batches: 0 is not positive: a batch must be positive "
      "(comma-separated list, e.g. 1,8)"),
     ("bench_decode", ["--config.packed=int4/x"], "packed row 'int4/x': group size must be an integer"),
+    ("bench_decode", ["--config.packed_embedding=maybe"], "packed_embedding must be auto, yes or no, got 'maybe'"),
     ("bench_prune", ["--config.sizes=abc"], "sizes: 'abc' is not an integer (comma-separated list, e.g. 512,4096)"),
     ("bench_prune", ["--config.patterns=2-4"], "pattern must be 'N:M' (e.g. '2:4') or 'unstructured', got '2-4'"),
     ("bench_prune", ["--config.e2e_repeats=0"], "bench_prune needs repeats >= 1, model_repeats >= 1, e2e_repeats >= 1, "

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel for packed int4/int8 matmuls (``llmopt_jax/kernels``): equal to a NumPy re-derivation
+"""The compiled CPU kernel for packed int2/int4/int8 matmuls (``llmopt_jax/kernels``): equal to a NumPy re-derivation
 of the dequantized product for every grid it takes (groups, per channel, per tensor, integer and float zero-points,
 column tails, several rows, the threaded path), differentiable, usable under jit/scan/vmap, chosen by
 ``packed_dot_general`` only for decode-sized products, and clear errors when it cannot be built."""
@@ -18,7 +18,7 @@ needs_kernel = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler o
 
 GRIDS = [QuantGrid(4, 32, symmetric=True), QuantGrid(4, 16), QuantGrid(4, 16, zero_point="float"),
          QuantGrid(4, per_tensor=True), QuantGrid(4, -1, symmetric=True), QuantGrid(8, 32, symmetric=True),
-         QuantGrid(8)]
+         QuantGrid(8), QuantGrid(2, 64, symmetric=True), QuantGrid(2, 16)]
 
 
 def _packed(grid, k, n, seed=0):
@@ -38,7 +38,12 @@ def _packed(grid, k, n, seed=0):
 
 
 @needs_kernel
-@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def grid_id(g: QuantGrid) -> str:
+    kind = "pt" if g.per_tensor else f"g{g.group_size}"
+    return f"int{g.bits}-{kind}-" + ("sym" if g.symmetric else f"{g.zero_point}zero")
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=grid_id)
 @pytest.mark.parametrize("k, n, rows", [(64, 24, 3), (576, 200, 1), (576, 576, 5), (192, 1536, 16)])
 def test_kernel_equals_numpy_dequantized_product(grid, k, n, rows):
     packed, dense = _packed(grid, k, n)

@@ -185,7 +185,7 @@ def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
     """``jax.lax.dot_general`` that accepts a packed right operand (a :class:`PackedTensor` or a ternary
     ``codec.TernaryCodec``), dequantized (decoded) in the step.
 
-    On the CPU, a decode-sized product (a few rows) with an int4/int8 kernel runs the compiled kernel of
+    On the CPU, a decode-sized product (a few rows) with an int2/int4/int8 kernel runs the compiled kernel of
     ``kernels/cpu.py`` instead, which never writes the float weights out (same result up to float summation order).
     """
     if is_packed(rhs):

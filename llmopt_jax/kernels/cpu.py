@@ -1,4 +1,4 @@
-"""CPU kernels compiled on first use: the packed int4/int8 matmul of ``cpu_packed_matmul.cc`` through XLA's FFI.
+"""CPU kernels compiled on first use: the packed int2/int4/int8 matmul of ``cpu_packed_matmul.cc`` through XLA's FFI.
 
 :func:`packed_matmul` multiplies a few rows of activations by a :class:`~llmopt_jax.compress.packed.PackedTensor`
 without dequantizing it into a float temporary (XLA:CPU's own path; see the ``.cc`` file for why). It is what
@@ -34,7 +34,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("cpu_packed_matmul.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 MAX_ROWS = 16  # rows of activations up to which the kernel beats XLA's dequantize + dot (decode, not prefill)
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 4, 8)
 
 
 def _compiler() -> str | None:
@@ -113,7 +113,7 @@ def available() -> bool:
 
 def supports(x_shape: tuple[int, ...], packed) -> bool:
     """Whether :func:`packed_matmul` takes activations of ``x_shape`` (contracting the trailing ``packed.n_in``
-    dims) against ``packed``: a one-layer int4/int8 :class:`PackedTensor` and at most :data:`MAX_ROWS` rows."""
+    dims) against ``packed``: a one-layer int2/int4/int8 :class:`PackedTensor` and at most :data:`MAX_ROWS` rows."""
     from llmopt_jax.compress.packed import PackedTensor
 
     if not isinstance(packed, PackedTensor) or packed.bits not in SUPPORTED_BITS or packed.data.ndim != 2:
@@ -121,7 +121,7 @@ def supports(x_shape: tuple[int, ...], packed) -> bool:
     rows = math.prod(x_shape[: len(x_shape) - packed.n_in])
     groups = packed.scale.shape[0]
     k = math.prod(packed.shape[: packed.n_in])
-    return rows <= MAX_ROWS and k % groups == 0 and (packed.bits == 8 or (k // groups) % 2 == 0)
+    return rows <= MAX_ROWS and k % groups == 0 and (k // groups) % (8 // packed.bits) == 0
 
 
 def packed_matmul(x: jax.Array, packed) -> jax.Array:

@@ -1,4 +1,4 @@
-// y = x @ W for a packed quantized kernel W (llmopt_jax/compress/packed.py's PackedTensor, int4 or int8 codes), on
+// y = x @ W for a packed quantized kernel W (llmopt_jax/compress/packed.py's PackedTensor, int2/int4/int8 codes), on
 // the CPU with AVX-512, through XLA's FFI. llmopt_jax/kernels/cpu.py compiles this file (-O3 -march=native) and
 // registers it; without AVX-512 LlmoptKernelIsa() returns 0 and Python keeps XLA's path.
 //
@@ -7,8 +7,8 @@
 // codes is unpacked in registers, converted to float and multiply-added into accumulators that stay in registers
 // for a whole quantization group; the float weights are never written anywhere.
 //
-// Layout (row-major): x f32 [M, K]; codes u8 [K*bits/8, N], two int4 codes per byte along K (input 2r in the low
-// nibble, 2r+1 in the high one) or one int8 code per byte; scale f16 [G, N] (or [1, 1] per tensor); zero u8 like
+// Layout (row-major): x f32 [M, K]; codes u8 [K*bits/8, N], 8/bits codes per byte along K, lowest bits first
+// (int4: input 2r in the low nibble, 2r+1 in the high one); scale f16 [G, N] (or [1, 1] per tensor); zero u8 like
 // scale or empty; offset f16 like scale or empty. The weight is w[k, n] = scale[g, n] * (u + lo - zero[g, n]) +
 // offset[g, n] for the stored unsigned code u and g = k / (K / G); per group it is summed as
 // scale * sum(x * u) + c * sum(x) with c = scale * (lo - zero) + offset, so the inner loop is one FMA per code.
@@ -74,11 +74,11 @@ inline __m512 LoadHalf(const uint16_t* p, __mmask16 mask) {
 
 // Rows [m0, m0 + MB) of x times columns [n0, n0 + 64 V) (the last `width` of them valid, width <= 64 V; V = 1 when
 // masked) of W, written to y.
-template <int MB, int V>
+template <int MB, int V, int BITS>
 void Block(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
   const int64_t group = p.k / p.groups;
-  const int64_t per_byte = 8 / p.bits;  // codes per byte: 2 (int4) or 1 (int8)
-  const __m512i nibble = _mm512_set1_epi8(15);
+  constexpr int per_byte = 8 / BITS;  // codes per byte: 4 (int2), 2 (int4) or 1 (int8)
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
   __mmask64 line_mask[V];
   __mmask16 lane_mask[4 * V];
   for (int v = 0; v < V; ++v) {
@@ -103,23 +103,12 @@ void Block(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
                                                _MM_HINT_T0);
       for (int v = 0; v < V; ++v) {
         const __m512i b = _mm512_maskz_loadu_epi8(line_mask[v], row + 64 * v);
-        __m512 first[4];
-        if (p.bits == 4) {
-          __m512 second[4];
-          Quarters(_mm512_and_si512(b, nibble), first);
-          Quarters(_mm512_and_si512(_mm512_srli_epi16(b, 4), nibble), second);
+        for (int c = 0; c < per_byte; ++c) {  // the c-th code of every byte: input k0 + i + c
+          __m512 w[4];
+          Quarters(per_byte == 1 ? b : _mm512_and_si512(_mm512_srli_epi16(b, BITS * c), mask), w);
           for (int r = 0; r < MB; ++r) {
-            const float* xr = p.x + (m0 + r) * p.k + k0 + i;
-            const __m512 ea = _mm512_set1_ps(xr[0]), eb = _mm512_set1_ps(xr[1]);
-            for (int q = 0; q < 4; ++q) {
-              acc[r][4 * v + q] = _mm512_fmadd_ps(second[q], eb, _mm512_fmadd_ps(first[q], ea, acc[r][4 * v + q]));
-            }
-          }
-        } else {
-          Quarters(b, first);
-          for (int r = 0; r < MB; ++r) {
-            const __m512 e = _mm512_set1_ps(p.x[(m0 + r) * p.k + k0 + i]);
-            for (int q = 0; q < 4; ++q) acc[r][4 * v + q] = _mm512_fmadd_ps(first[q], e, acc[r][4 * v + q]);
+            const __m512 e = _mm512_set1_ps(p.x[(m0 + r) * p.k + k0 + i + c]);
+            for (int q = 0; q < 4; ++q) acc[r][4 * v + q] = _mm512_fmadd_ps(w[q], e, acc[r][4 * v + q]);
           }
         }
       }
@@ -157,22 +146,29 @@ void Block(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
 }
 
 // Every row of x against one block of columns: full blocks of 128, then 64-column pieces (masked at the end).
-template <int V>
+template <int V, int BITS>
 void Columns(const Problem& p, int64_t n0, int64_t width) {
   int64_t m0 = 0;
   if (V == 1) {  // 16 accumulators per pair of rows leave room for the converted codes
-    for (; m0 + 2 <= p.m; m0 += 2) Block<2, 1>(p, m0, n0, width);
+    for (; m0 + 2 <= p.m; m0 += 2) Block<2, 1, BITS>(p, m0, n0, width);
   }
-  for (; m0 + 1 <= p.m; ++m0) Block<1, V>(p, m0, n0, width);
+  for (; m0 + 1 <= p.m; ++m0) Block<1, V, BITS>(p, m0, n0, width);
+}
+
+template <int BITS>
+void TaskBits(const Problem& p, int64_t task) {
+  const int64_t n0 = task * kBlock, width = std::min(kBlock, p.n - n0);
+  if (width == kBlock && p.m == 1) {
+    Columns<2, BITS>(p, n0, width);
+  } else {
+    for (int64_t at = n0; at < n0 + width; at += 64) Columns<1, BITS>(p, at, std::min<int64_t>(64, n0 + width - at));
+  }
 }
 
 void Task(const Problem& p, int64_t task) {
-  const int64_t n0 = task * kBlock, width = std::min(kBlock, p.n - n0);
-  if (width == kBlock && p.m == 1) {
-    Columns<2>(p, n0, width);
-  } else {
-    for (int64_t at = n0; at < n0 + width; at += 64) Columns<1>(p, at, std::min<int64_t>(64, n0 + width - at));
-  }
+  if (p.bits == 2) TaskBits<2>(p, task);
+  if (p.bits == 4) TaskBits<4>(p, task);
+  if (p.bits == 8) TaskBits<8>(p, task);
 }
 
 #else
@@ -203,14 +199,16 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2) {
     return ffi::Error::InvalidArgument("packed_matmul: x, codes and scale must be 2-D");
   }
-  if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("packed_matmul: bits must be 4 or 8");
+  if (bits != 2 && bits != 4 && bits != 8) {
+    return ffi::Error::InvalidArgument("packed_matmul: bits must be 2, 4 or 8");
+  }
   Problem p{x.typed_data(), codes.typed_data(), reinterpret_cast<const uint16_t*>(scale.typed_data()),
             zero.element_count() ? zero.typed_data() : nullptr,
             offset.element_count() ? reinterpret_cast<const uint16_t*>(offset.typed_data()) : nullptr,
             y->typed_data(), xd[0], xd[1], cd[1], sd[0], bits, lo, sd[0] == 1 && sd[1] == 1};
   if (cd[0] * 8 != p.k * bits) return ffi::Error::InvalidArgument("packed_matmul: codes rows do not match x's K");
-  if (p.groups <= 0 || p.k % p.groups || (bits == 4 && (p.k / p.groups) % 2)) {
-    return ffi::Error::InvalidArgument("packed_matmul: K must split into equal groups (of even size for int4)");
+  if (p.groups <= 0 || p.k % p.groups || (p.k / p.groups) % (8 / bits)) {
+    return ffi::Error::InvalidArgument("packed_matmul: K must split into equal groups of whole bytes of codes");
   }
   if (!p.per_tensor && sd[1] != p.n) return ffi::Error::InvalidArgument("packed_matmul: scale columns != N");
   const int64_t want = p.per_tensor ? 1 : p.groups * p.n;
