@@ -149,7 +149,8 @@ void Block(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
 template <int V, int BITS>
 void Columns(const Problem& p, int64_t n0, int64_t width) {
   int64_t m0 = 0;
-  if (V == 1) {  // 16 accumulators per pair of rows leave room for the converted codes
+  if (V == 1) {  // up to 16 accumulators (4 rows x 64 columns) leave registers for the converted codes
+    for (; m0 + 4 <= p.m; m0 += 4) Block<4, 1, BITS>(p, m0, n0, width);
     for (; m0 + 2 <= p.m; m0 += 2) Block<2, 1, BITS>(p, m0, n0, width);
   }
   for (; m0 + 1 <= p.m; ++m0) Block<1, V, BITS>(p, m0, n0, width);
