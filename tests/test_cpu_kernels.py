@@ -37,12 +37,12 @@ def _packed(grid, k, n, seed=0):
     return packed, dense.T  # [k, n]
 
 
-@needs_kernel
 def grid_id(g: QuantGrid) -> str:
     kind = "pt" if g.per_tensor else f"g{g.group_size}"
     return f"int{g.bits}-{kind}-" + ("sym" if g.symmetric else f"{g.zero_point}zero")
 
 
+@needs_kernel
 @pytest.mark.parametrize("grid", GRIDS, ids=grid_id)
 @pytest.mark.parametrize("k, n, rows", [(64, 24, 3), (576, 200, 1), (576, 576, 5), (192, 1536, 16)])
 def test_kernel_equals_numpy_dequantized_product(grid, k, n, rows):
@@ -53,6 +53,19 @@ def test_kernel_equals_numpy_dequantized_product(grid, k, n, rows):
     assert got.dtype == np.float32 and got.shape == (rows, n)
     want = x.astype(np.float64) @ dense
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("grid", [QuantGrid(8, -1, symmetric=True), QuantGrid(8), QuantGrid(8, per_tensor=True),
+                                  QuantGrid(4, -1, symmetric=True)], ids=grid_id)
+def test_long_groups_and_activations_with_a_large_mean_keep_float32_accuracy(grid):
+    """Codes are centred before the multiply-add: otherwise scale·Σx·u and the zero-point term scale·(lo-zero)·Σx
+    are both ~2^(bits-1)·Σx and cancel (measured 1.6e-4 relative error at K=4096, mean(x)=1, int8 per channel)."""
+    packed, dense = _packed(grid, 4096, 256, seed=9)
+    x = (10.0 + np.random.default_rng(10).standard_normal((2, 4096))).astype(np.float32)
+    want = x.astype(np.float64) @ dense
+    got = np.asarray(cpu.packed_matmul(jnp.asarray(x), packed))
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5  # float32 sums over 4096 terms (was 1.6e-4..3e-4)
 
 
 @needs_kernel
@@ -85,6 +98,9 @@ def test_gradient_in_x_and_vmap_and_scan():
     loss = lambda x: jnp.sum(jnp.sin(cpu.packed_matmul(x, packed)))  # noqa: E731
     ref = lambda x: jnp.sum(jnp.sin(x @ packed.dequantize()))  # noqa: E731
     np.testing.assert_allclose(np.asarray(jax.grad(loss)(x)), np.asarray(jax.grad(ref)(x)), rtol=1e-4, atol=1e-5)
+    tangent = jnp.ones_like(x)
+    _, forward = jax.jvp(lambda x: cpu.packed_matmul(x, packed), (x,), (tangent,))  # forward mode too
+    np.testing.assert_allclose(np.asarray(forward), np.asarray(tangent @ packed.dequantize()), rtol=1e-5, atol=1e-5)
     xs = jnp.stack([x, 2 * x, -x])
     batched = jax.vmap(lambda x: cpu.packed_matmul(x, packed))(xs)
     np.testing.assert_allclose(np.asarray(batched), np.asarray(xs @ packed.dequantize()), rtol=1e-5, atol=1e-5)
@@ -108,6 +124,10 @@ def test_packed_dot_general_picks_the_kernel_for_decode_sized_products_only():
     assert "llmopt_packed_matmul" not in lowered(cpu.MAX_ROWS + 1)  # prefill: XLA's matrix-matrix product
     three_bit = pack_matrix(rtn_quantize(jnp.ones((48, 64)), QuantGrid(3))[1], (64, 48))
     assert not cpu.supports((1, 64), three_bit)
+    assert not cpu.supports((1, 32), packed)  # inputs that do not match the kernel's: XLA's path (and its error)
+    two_in = pack_matrix(rtn_quantize(jnp.ones((48, 64)), QuantGrid(4, 16))[1], (4, 16, 48), n_in=2)
+    assert cpu.supports((1, 4, 16), two_in) and not cpu.supports((1, 16, 4), two_in)
+
 
 
 def test_kernels_can_be_turned_off(monkeypatch):

@@ -117,6 +117,10 @@ def test_sharded_packed_model_equals_unsharded_and_shards_codes_like_the_float_k
     got, _ = nnx.merge(graph_s, params_s)(jnp.asarray(windows))
     want, _ = nnx.merge(graph, params)(jnp.asarray(windows))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # On a mesh the linears keep XLA's path: the CPU kernel (kernels/cpu.py) has no sharding rule, so XLA would
+    # gather its operands onto every device.
+    linears = [m for _, m in nnx.iter_graph(nnx.merge(graph_s, params_s)) if hasattr(m, "dot_general")]
+    assert linears and all(m.dot_general.keywords == {"cpu_kernel": False} for m in linears)
     with pytest.raises(ShardingError, match="not divisible"):  # 4 heads over 8 tensor shards
         packed_model(cfg, packed, mesh=create_mesh(dict(data=1, fsdp=1, tensor=8)))
 

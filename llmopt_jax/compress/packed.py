@@ -181,15 +181,18 @@ def pack_embedding(pure: dict, grid) -> dict:
     return {**pure, "embed": {"embedding": pack_matrix(record, (table.shape[1], table.shape[0]))}}
 
 
-def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
+                       cpu_kernel: bool = True):
     """``jax.lax.dot_general`` that accepts a packed right operand (a :class:`PackedTensor` or a ternary
     ``codec.TernaryCodec``), dequantized (decoded) in the step.
 
     On the CPU, a decode-sized product (a few rows) with an int2/int4/int8 kernel runs the compiled kernel of
-    ``kernels/cpu.py`` instead, which never writes the float weights out (same result up to float summation order).
+    ``kernels/cpu.py`` instead, which never writes the float weights out (same result up to float summation order);
+    ``cpu_kernel=False`` keeps XLA's path (what :func:`packed_model` uses on a multi-device mesh, where XLA would
+    gather the kernel's operands onto every device).
     """
     if is_packed(rhs):
-        if _use_cpu_kernel(lhs, rhs, dimension_numbers):
+        if cpu_kernel and _use_cpu_kernel(lhs, rhs, dimension_numbers):
             from llmopt_jax.kernels import cpu
 
             y = cpu.packed_matmul(lhs, rhs)
@@ -245,7 +248,7 @@ def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int], 
 
 def packed_model(cfg, pure: dict, dot_general=None, mesh=None, rules=None) -> tuple[Any, Any]:
     """``(graphdef, params)`` of a decoder whose linear layers run ``dot_general`` (default
-    :func:`packed_dot_general`) on ``pure`` (float leaves cast to the model's weight dtype; :class:`PackedTensor`
+    :func:`packed_dot_general`, without the CPU kernel on a multi-device ``mesh``) on ``pure`` (float leaves cast to the model's weight dtype; :class:`PackedTensor`
     kernels kept packed).
 
     With a ``mesh``, every array is placed in the sharding its float kernel would have under ``rules`` (default
@@ -257,8 +260,10 @@ def packed_model(cfg, pure: dict, dot_general=None, mesh=None, rules=None) -> tu
     from llmopt_jax.parallel.sharded_init import model_factory
 
     rules = DEFAULT_RULES if rules is None else rules
-    graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(cfg, 0, mesh, rules,
-                                                                      dot_general or packed_dot_general)))
+    if dot_general is None:  # the CPU kernel has no sharding rule: on a mesh XLA would replicate its operands
+        sharded = mesh is not None and mesh.size > 1
+        dot_general = functools.partial(packed_dot_general, cpu_kernel=False) if sharded else packed_dot_general
+    graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(cfg, 0, mesh, rules, dot_general)))
     state = jax.tree.map(lambda x: x, abstract)
     cast = lambda x: x if is_packed(x) else jnp.asarray(x, cfg.weight_dtype)  # noqa: E731
     nnx.replace_by_pure_dict(state, jax.tree.map(cast, pure, is_leaf=is_packed))

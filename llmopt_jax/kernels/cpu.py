@@ -35,6 +35,7 @@ SOURCE = Path(__file__).with_name("cpu_packed_matmul.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 MAX_ROWS = 16  # rows of activations up to which the kernel beats XLA's dequantize + dot (decode, not prefill)
 SUPPORTED_BITS = (2, 4, 8)
+COMPILE_TIMEOUT_S = 300
 
 
 def _compiler() -> str | None:
@@ -65,10 +66,14 @@ def build(source: Path = SOURCE) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", tmp],
-                              capture_output=True, text=True)
+        try:
+            done = subprocess.run([cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", tmp],
+                                  capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"compiling {source.name} took over {COMPILE_TIMEOUT_S} s") from e
         if done.returncode:
             raise RuntimeError(f"compiling {source.name} failed:\n{done.stderr[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache from loading it
         os.replace(tmp, target)  # atomic: processes compiling at once each install a whole library
     finally:
         if os.path.exists(tmp):
@@ -118,16 +123,19 @@ def supports(x_shape: tuple[int, ...], packed) -> bool:
 
     if not isinstance(packed, PackedTensor) or packed.bits not in SUPPORTED_BITS or packed.data.ndim != 2:
         return False
-    rows = math.prod(x_shape[: len(x_shape) - packed.n_in])
+    n_in = packed.n_in
+    rows = math.prod(x_shape[: len(x_shape) - n_in])
     groups = packed.scale.shape[0]
-    k = math.prod(packed.shape[: packed.n_in])
-    return rows <= MAX_ROWS and k % groups == 0 and (k // groups) % (8 // packed.bits) == 0
+    k, n = math.prod(packed.shape[:n_in]), math.prod(packed.shape[n_in:])
+    shapes_agree = tuple(x_shape[len(x_shape) - n_in:]) == tuple(packed.shape[:n_in]) and \
+        packed.data.shape == (k * packed.bits // 8, n)
+    return shapes_agree and rows <= MAX_ROWS and k % groups == 0 and (k // groups) % (8 // packed.bits) == 0
 
 
 def packed_matmul(x: jax.Array, packed) -> jax.Array:
     """``x`` float ``[..., *in_shape]`` times the packed kernel ``[*in_shape, *out_shape]`` -> float32
     ``[..., *out_shape]``, on the CPU kernel (check :func:`supports` and :func:`available` first). Differentiable
-    in ``x`` (the backward pass dequantizes the kernel, as XLA's path does)."""
+    (forward and reverse mode): derivatives go through the dequantized kernel, as on XLA's path."""
     return _packed_matmul(x, packed)
 
 
@@ -138,11 +146,12 @@ def _reference(x, packed):
     return (x.reshape(-1, k).astype(jnp.float32) @ w).reshape(lead + packed.shape[packed.n_in:])
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _packed_matmul(x, packed):
     name = _target_name()
     if name is None:
-        raise RuntimeError("the CPU packed-matmul kernel is unavailable (see the warning above)")
+        raise RuntimeError("the CPU packed-matmul kernel is unavailable (LLMOPT_JAX_CPU_KERNELS=0, no C++ compiler, "
+                           "or no AVX-512 on this CPU)")
     k = math.prod(packed.shape[: packed.n_in])
     n = math.prod(packed.shape[packed.n_in:])
     lead = x.shape[: x.ndim - packed.n_in]
@@ -156,14 +165,7 @@ def _packed_matmul(x, packed):
     return y.reshape(lead + packed.shape[packed.n_in:])
 
 
-def _fwd(x, packed):
-    return _packed_matmul(x, packed), (x, packed)
-
-
-def _bwd(residuals, g):
-    x, packed = residuals
-    _, vjp = jax.vjp(_reference, x, packed)
-    return vjp(g)
-
-
-_packed_matmul.defvjp(_fwd, _bwd)
+@_packed_matmul.defjvp
+def _jvp(primals, tangents):
+    # The tangent through XLA's (linear, transposable) path: forward mode works and reverse mode transposes it.
+    return _packed_matmul(*primals), jax.jvp(_reference, primals, tangents)[1]

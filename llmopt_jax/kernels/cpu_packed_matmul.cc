@@ -11,7 +11,8 @@
 // (int4: input 2r in the low nibble, 2r+1 in the high one); scale f16 [G, N] (or [1, 1] per tensor); zero u8 like
 // scale or empty; offset f16 like scale or empty. The weight is w[k, n] = scale[g, n] * (u + lo - zero[g, n]) +
 // offset[g, n] for the stored unsigned code u and g = k / (K / G); per group it is summed as
-// scale * sum(x * u) + c * sum(x) with c = scale * (lo - zero) + offset, so the inner loop is one FMA per code.
+// scale * sum(x * (u - h - z)) + c * sum(x) with h = 2^(bits-1), z = zero - lo - h (integer zero-points, else 0) and
+// c = scale * (lo + h) + offset (0 on a symmetric grid), so the inner loop is one FMA per code (two with zero-points).
 //
 // Work is cut into column blocks of 128 (two cache lines per row of codes, which the prefetcher streams better
 // than one) that the calling thread and XLA's intra-op pool take from a shared counter; the shared state is
@@ -59,13 +60,14 @@ constexpr int64_t kMinWeightsPerThread = 1 << 17;   // smaller products run on t
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 
 inline __m512 U8ToFloat(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
+inline __m512 S8ToFloat(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); }
 
-// The four 16-float quarters of 64 unsigned bytes.
+// The four 16-float quarters of 64 signed bytes.
 inline void Quarters(__m512i b, __m512 out[4]) {
-  out[0] = U8ToFloat(_mm512_castsi512_si128(b));
-  out[1] = U8ToFloat(_mm512_extracti32x4_epi32(b, 1));
-  out[2] = U8ToFloat(_mm512_extracti32x4_epi32(b, 2));
-  out[3] = U8ToFloat(_mm512_extracti32x4_epi32(b, 3));
+  out[0] = S8ToFloat(_mm512_castsi512_si128(b));
+  out[1] = S8ToFloat(_mm512_extracti32x4_epi32(b, 1));
+  out[2] = S8ToFloat(_mm512_extracti32x4_epi32(b, 2));
+  out[3] = S8ToFloat(_mm512_extracti32x4_epi32(b, 3));
 }
 
 inline __m512 LoadHalf(const uint16_t* p, __mmask16 mask) {
@@ -74,11 +76,15 @@ inline __m512 LoadHalf(const uint16_t* p, __mmask16 mask) {
 
 // Rows [m0, m0 + MB) of x times columns [n0, n0 + 64 V) (the last `width` of them valid, width <= 64 V; V = 1 when
 // masked) of W, written to y.
-template <int MB, int V, int BITS>
+// ZERO: the grid has integer zero-points, subtracted from the codes in the loop (one more op per 16 codes): folding
+// them into the per-group sum term instead loses float32 digits to cancellation when a zero-point is far from the
+// grid's middle and x has a large mean over a long group (per channel: K inputs).
+template <int MB, int V, int BITS, bool ZERO>
 void Block(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
   const int64_t group = p.k / p.groups;
   constexpr int per_byte = 8 / BITS;  // codes per byte: 4 (int2), 2 (int4) or 1 (int8)
   const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const __m512i mid = _mm512_set1_epi8(static_cast<char>(1 << (BITS - 1)));
   __mmask64 line_mask[V];
   __mmask16 lane_mask[4 * V];
   for (int v = 0; v < V; ++v) {
@@ -97,6 +103,15 @@ void Block(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
     for (int r = 0; r < MB; ++r)
       for (int q = 0; q < 4 * V; ++q) acc[r][q] = _mm512_setzero_ps();
     const int64_t k0 = g * group;
+    __m512 zc[4 * V];  // ZERO: zero - lo - 2^(bits-1), what the centred codes still need subtracted
+    if (ZERO) {
+      const float shift = static_cast<float>(p.lo + (1 << (BITS - 1)));
+      for (int q = 0; q < 4 * V; ++q) {
+        const __m512 z = p.per_tensor ? _mm512_set1_ps(static_cast<float>(p.zero[0]))
+                                      : U8ToFloat(_mm_maskz_loadu_epi8(lane_mask[q], p.zero + g * p.n + n0 + 16 * q));
+        zc[q] = _mm512_sub_ps(z, _mm512_set1_ps(shift));
+      }
+    }
     for (int64_t i = 0; i < group; i += per_byte) {
       const uint8_t* row = p.codes + ((k0 + i) / per_byte) * p.n + n0;
       for (int v = 0; v < V; ++v) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * p.n + 64 * v),
@@ -105,7 +120,13 @@ void Block(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
         const __m512i b = _mm512_maskz_loadu_epi8(line_mask[v], row + 64 * v);
         for (int c = 0; c < per_byte; ++c) {  // the c-th code of every byte: input k0 + i + c
           __m512 w[4];
-          Quarters(per_byte == 1 ? b : _mm512_and_si512(_mm512_srli_epi16(b, BITS * c), mask), w);
+          // Codes centred on the grid's middle (u - 2^(bits-1), wrapping to a signed byte): the sum stays small
+          // when x has a large mean, so the zero-point term below does not cancel most of it.
+          const __m512i u = per_byte == 1 ? b : _mm512_and_si512(_mm512_srli_epi16(b, BITS * c), mask);
+          Quarters(_mm512_sub_epi8(u, mid), w);
+          if (ZERO) {
+            for (int q = 0; q < 4; ++q) w[q] = _mm512_sub_ps(w[q], zc[4 * v + q]);
+          }
           for (int r = 0; r < MB; ++r) {
             const __m512 e = _mm512_set1_ps(p.x[(m0 + r) * p.k + k0 + i + c]);
             for (int q = 0; q < 4; ++q) acc[r][4 * v + q] = _mm512_fmadd_ps(w[q], e, acc[r][4 * v + q]);
@@ -113,7 +134,8 @@ void Block(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
         }
       }
     }
-    // out += scale * acc + c * sum(x over the group), c = scale * (lo - zero) + offset
+    // out += scale * acc + c * sum(x over the group), c = scale * (lo + 2^(bits-1)) + offset (0 when symmetric:
+    // lo = -2^(bits-1), no offset; also 0 with integer zero-points, already subtracted)
     float xsum[MB];
     for (int r = 0; r < MB; ++r) {
       const float* xr = p.x + (m0 + r) * p.k + k0;
@@ -121,21 +143,19 @@ void Block(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
       for (int64_t i = 0; i < group; ++i) t += xr[i];
       xsum[r] = t;
     }
-    const __m512 lo = _mm512_set1_ps(static_cast<float>(p.lo));
+    const __m512 lo = _mm512_set1_ps(static_cast<float>(p.lo + (1 << (BITS - 1))));
     for (int q = 0; q < 4 * V; ++q) {
-      __m512 s, z = _mm512_setzero_ps(), off = _mm512_setzero_ps();
+      __m512 s, off = _mm512_setzero_ps();
       if (p.per_tensor) {
         s = LoadHalf(p.scale, 1);
         s = _mm512_set1_ps(_mm512_cvtss_f32(s));
-        if (p.zero) z = _mm512_set1_ps(static_cast<float>(p.zero[0]));
         if (p.offset) off = _mm512_set1_ps(_mm512_cvtss_f32(LoadHalf(p.offset, 1)));
       } else {
         const int64_t at = g * p.n + n0 + 16 * q;
         s = LoadHalf(p.scale + at, lane_mask[q]);
-        if (p.zero) z = U8ToFloat(_mm_maskz_loadu_epi8(lane_mask[q], p.zero + at));
         if (p.offset) off = LoadHalf(p.offset + at, lane_mask[q]);
       }
-      const __m512 c = _mm512_fmadd_ps(s, _mm512_sub_ps(lo, z), off);
+      const __m512 c = ZERO ? off : _mm512_fmadd_ps(s, lo, off);
       for (int r = 0; r < MB; ++r) {
         out[r][q] = _mm512_fmadd_ps(c, _mm512_set1_ps(xsum[r]), _mm512_fmadd_ps(s, acc[r][q], out[r][q]));
       }
@@ -146,23 +166,34 @@ void Block(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
 }
 
 // Every row of x against one block of columns: full blocks of 128, then 64-column pieces (masked at the end).
-template <int V, int BITS>
+template <int V, int BITS, bool ZERO>
 void Columns(const Problem& p, int64_t n0, int64_t width) {
   int64_t m0 = 0;
   if (V == 1) {  // up to 16 accumulators (4 rows x 64 columns) leave registers for the converted codes
-    for (; m0 + 4 <= p.m; m0 += 4) Block<4, 1, BITS>(p, m0, n0, width);
-    for (; m0 + 2 <= p.m; m0 += 2) Block<2, 1, BITS>(p, m0, n0, width);
+    for (; m0 + 4 <= p.m; m0 += 4) Block<4, 1, BITS, ZERO>(p, m0, n0, width);
+    for (; m0 + 2 <= p.m; m0 += 2) Block<2, 1, BITS, ZERO>(p, m0, n0, width);
   }
-  for (; m0 + 1 <= p.m; ++m0) Block<1, V, BITS>(p, m0, n0, width);
+  for (; m0 + 1 <= p.m; ++m0) Block<1, V, BITS, ZERO>(p, m0, n0, width);
+}
+
+template <int BITS, bool ZERO>
+void TaskOf(const Problem& p, int64_t task) {
+  const int64_t n0 = task * kBlock, width = std::min(kBlock, p.n - n0);
+  if (width == kBlock && p.m == 1) {
+    Columns<2, BITS, ZERO>(p, n0, width);
+  } else {
+    for (int64_t at = n0; at < n0 + width; at += 64) {
+      Columns<1, BITS, ZERO>(p, at, std::min<int64_t>(64, n0 + width - at));
+    }
+  }
 }
 
 template <int BITS>
 void TaskBits(const Problem& p, int64_t task) {
-  const int64_t n0 = task * kBlock, width = std::min(kBlock, p.n - n0);
-  if (width == kBlock && p.m == 1) {
-    Columns<2, BITS>(p, n0, width);
+  if (p.zero) {
+    TaskOf<BITS, true>(p, task);
   } else {
-    for (int64_t at = n0; at < n0 + width; at += 64) Columns<1, BITS>(p, at, std::min<int64_t>(64, n0 + width - at));
+    TaskOf<BITS, false>(p, task);
   }
 }
 
@@ -212,6 +243,10 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::InvalidArgument("packed_matmul: K must split into equal groups of whole bytes of codes");
   }
   if (!p.per_tensor && sd[1] != p.n) return ffi::Error::InvalidArgument("packed_matmul: scale columns != N");
+  const auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != p.m || yd[1] != p.n) {
+    return ffi::Error::InvalidArgument("packed_matmul: the result must be [M, N] (N = the codes' columns)");
+  }
   const int64_t want = p.per_tensor ? 1 : p.groups * p.n;
   if ((p.zero && zero.element_count() != want) || (p.offset && offset.element_count() != want)) {
     return ffi::Error::InvalidArgument("packed_matmul: zero/offset must match scale");
