@@ -31,11 +31,9 @@ def parse_packed(spec: str) -> tuple[int, int]:
 
 def kernel_takes(bits: int) -> bool:
     """Whether the compiled CPU kernel (``llmopt_jax/kernels``) multiplies ``bits``-bit packed weights here."""
-    import jax
-
     from llmopt_jax.kernels import cpu
 
-    return jax.default_backend() == "cpu" and bits in cpu.SUPPORTED_BITS and cpu.available()
+    return bits in cpu.SUPPORTED_BITS and cpu.active()
 
 
 def main(config, workdir):

@@ -205,7 +205,7 @@ def packed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
 def _use_cpu_kernel(lhs, rhs, dimension_numbers) -> bool:
     """Whether this product goes to the CPU kernel: CPU backend, the layer's own contraction (trailing dims of
     ``lhs`` with the kernel's input dims, no batch dims), a shape the kernel takes, and the kernel builds."""
-    if jax.default_backend() != "cpu" or not isinstance(rhs, PackedTensor):
+    if not isinstance(rhs, PackedTensor):
         return False
     (contract_l, contract_r), (batch_l, batch_r) = dimension_numbers
     n_in = rhs.n_in
@@ -214,7 +214,7 @@ def _use_cpu_kernel(lhs, rhs, dimension_numbers) -> bool:
         return False
     from llmopt_jax.kernels import cpu
 
-    return cpu.supports(lhs.shape, rhs) and cpu.available()
+    return cpu.supports(lhs.shape, rhs) and cpu.active()
 
 
 def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int], dictionary=None, *,
@@ -248,8 +248,8 @@ def pack_params(pure: dict, quantized: dict, kernel_input_dims: dict[str, int], 
 
 def packed_model(cfg, pure: dict, dot_general=None, mesh=None, rules=None) -> tuple[Any, Any]:
     """``(graphdef, params)`` of a decoder whose linear layers run ``dot_general`` (default
-    :func:`packed_dot_general`, without the CPU kernel on a multi-device ``mesh``) on ``pure`` (float leaves cast to the model's weight dtype; :class:`PackedTensor`
-    kernels kept packed).
+    :func:`packed_dot_general`, without the CPU kernel on a multi-device ``mesh``) on ``pure`` (float leaves cast
+    to the model's weight dtype; :class:`PackedTensor` kernels kept packed).
 
     With a ``mesh``, every array is placed in the sharding its float kernel would have under ``rules`` (default
     ``DEFAULT_RULES``; see :func:`packed_shardings`) and activations are constrained like the float model's.

@@ -57,8 +57,9 @@ def build(source: Path = SOURCE) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     except OSError as e:
         raise RuntimeError(f"the C++ compiler {cxx!r} cannot be run: {e}") from e
-    key = hashlib.sha256("\n".join([source.read_text(), " ".join(FLAGS), cxx, *version, importlib.metadata.version("jaxlib"),
-                                    platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    parts = [source.read_text(), " ".join(FLAGS), cxx, *version, importlib.metadata.version("jaxlib"),
+             platform.machine(), _cpu_flags()]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
@@ -116,6 +117,11 @@ def available() -> bool:
     return _target_name() is not None
 
 
+def active() -> bool:
+    """True when jitted code here runs on the CPU and the kernel is :func:`available`."""
+    return jax.default_backend() == "cpu" and available()
+
+
 def supports(x_shape: tuple[int, ...], packed) -> bool:
     """Whether :func:`packed_matmul` takes activations of ``x_shape`` (contracting the trailing ``packed.n_in``
     dims) against ``packed``: a one-layer int2/int4/int8 :class:`PackedTensor` and at most :data:`MAX_ROWS` rows."""
@@ -140,10 +146,12 @@ def packed_matmul(x: jax.Array, packed) -> jax.Array:
 
 
 def _reference(x, packed):
-    k = math.prod(packed.shape[: packed.n_in])
-    w = packed.dequantize(jnp.float32).reshape(k, -1)
-    lead = x.shape[: x.ndim - packed.n_in]
-    return (x.reshape(-1, k).astype(jnp.float32) @ w).reshape(lead + packed.shape[packed.n_in:])
+    """The same product on XLA's path (``packed_dot_general`` without the kernel)."""
+    from llmopt_jax.compress.packed import packed_dot_general
+
+    dims = ((tuple(range(x.ndim - packed.n_in, x.ndim)), tuple(range(packed.n_in))), ((), ()))
+    return packed_dot_general(x.astype(jnp.float32), packed, dims, preferred_element_type=jnp.float32,
+                              cpu_kernel=False)
 
 
 @jax.custom_jvp
