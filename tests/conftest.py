@@ -54,6 +54,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -134,7 +135,7 @@ class _ForkServer:
                 # the next request reading it: stop the child and this server, later runs start plain processes.
                 self._abandon(started)
                 raise
-            read = lambda path: open(path, encoding="utf-8", errors="replace").read()  # noqa: E731
+            read = lambda path: Path(path).read_text(encoding="utf-8", errors="replace")  # noqa: E731
             if timed_out:
                 raise subprocess.TimeoutExpired(cmd, timeout, output=read(out), stderr=read(err))
             return subprocess.CompletedProcess(cmd, finished["returncode"], read(out), read(err))
@@ -155,6 +156,8 @@ class _ForkServer:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
 
 
 _fork_servers: dict[tuple, _ForkServer] = {}  # one per environment the CLI runs asked for
